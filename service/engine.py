@@ -1,0 +1,391 @@
+"""MCEngine: N stochastic passes over B rows in memory-bounded chunks, statistics streamed.
+
+The deterministic prefix runs once per input row; the sampled suffix runs on R rows x S
+samples per chunk, with masks keyed by (seed, site, row, sample) so results do not depend
+on chunking. Row counts given to every forward are multiples of 8 and each row's block is
+aligned, which keeps CPU GEMM kernels on the same code path for every row.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import secrets
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from service.sampling import RowKeys, SamplingContext, Site
+from service.stochastic import SampleSelection, prepare
+from service.streaming import BLOCK, StreamingLogMeanExp, StreamingMoments, round_up
+from service.uncertainty import (
+    ClassificationSummary,
+    RegressionSummary,
+    classification_features,
+    empirical_intervals,
+    gaussian_intervals,
+    summarize_classification,
+    validate_levels,
+)
+
+log = logging.getLogger(__name__)
+
+Task = Literal["regression", "classification"]
+MaskMode = Literal["independent", "shared"]
+QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
+AUTO_FIRST_ROUND = 64
+
+
+@dataclass(frozen=True)
+class MCOptions:
+    """How to sample one request."""
+
+    samples: int | Literal["auto"] = 100
+    tolerance: float = 0.01  # samples="auto": stop when every standard error is below this
+    max_samples: int = 100_000  # samples="auto": never draw more than this
+    mask_mode: MaskMode = "independent"
+    seed: int | None = None  # None: a fresh random seed, reported in the summary
+    interval_levels: tuple[float, ...] = (0.95,)
+    return_samples: int = 0  # keep up to this many raw samples per row
+
+    def validated(self) -> MCOptions:
+        """Check ranges; raise ValueError naming the option."""
+        if self.samples != "auto" and (not isinstance(self.samples, int) or self.samples < 1):
+            raise ValueError(f"samples must be a positive integer or 'auto', got {self.samples!r}")
+        if not self.tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {self.tolerance}")
+        if self.max_samples < 1:
+            raise ValueError(f"max_samples must be positive, got {self.max_samples}")
+        if self.mask_mode not in ("independent", "shared"):
+            raise ValueError(f"mask_mode must be 'independent' or 'shared', got {self.mask_mode!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
+        if self.return_samples < 0:
+            raise ValueError(f"return_samples must be >= 0, got {self.return_samples}")
+        validate_levels(self.interval_levels)
+        return self
+
+
+@dataclass(frozen=True)
+class MCRequest:
+    """One request's rows x [B, *input_shape], its options, and optional targets [B, D]."""
+
+    x: Tensor
+    options: MCOptions
+    targets: Tensor | None = None
+
+
+def batch_key(options: MCOptions) -> tuple[object, ...]:
+    """Requests whose options share this key may run together in one engine pass."""
+    return (options.samples, options.mask_mode, options.tolerance, options.max_samples)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA when present; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MCEngine:
+    """Monte Carlo dropout inference for one model; safe to call from several threads."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        task: Task,
+        input_shape: tuple[int, ...],
+        heteroscedastic: bool = False,
+        tau: float | None = None,
+        sample: SampleSelection = "all",
+        device: str = "cpu",
+        dtype: str = "float32",
+        compile: bool = False,
+        chunk_elements: int = 1 << 24,
+        output_scale: Tensor | None = None,
+        output_shift: Tensor | None = None,
+    ) -> None:
+        if task == "classification" and heteroscedastic:
+            raise ValueError("a heteroscedastic head applies only to regression")
+        self.task = task
+        self.heteroscedastic = heteroscedastic
+        self.tau = tau
+        self.device = resolve_device(device)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        if dtype != "float32" and self.device.type != "cuda":
+            raise ValueError(f"dtype {dtype} is only supported on a CUDA device")
+        self.dtype = _DTYPES[dtype]
+        self.input_shape = tuple(input_shape)
+        self.chunk_elements = chunk_elements
+        module = module.to(self.device, self.dtype).eval()
+        self.program = prepare(module, self.input_shape, sample, self.dtype)
+        self.scale = None if output_scale is None else output_scale.to(self.device, torch.float64)
+        self.shift = None if output_shift is None else output_shift.to(self.device, torch.float64)
+        if compile:
+            self._compile()
+
+    @property
+    def sites(self) -> list[Site]:
+        """The stochastic ops that sample, in execution order."""
+        return self.program.sites
+
+    def _compile(self) -> None:
+        """torch.compile the deterministic prefix and warm it (and the suffix) up at load."""
+        prefix = getattr(self.program, "prefix", None)
+        if prefix is not None:
+            self.program.prefix = torch.compile(prefix, dynamic=True)  # type: ignore[union-attr]
+        warm = torch.zeros((2, *self.input_shape), dtype=self.dtype, device=self.device)
+        self.run(warm, MCOptions(samples=BLOCK, seed=0))
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(
+        self, x: Tensor, options: MCOptions | None = None, targets: Tensor | None = None
+    ) -> RegressionSummary | ClassificationSummary:
+        """Sample the predictive distribution of rows x [B, *input_shape].
+
+        targets [B, D] (regression, raw units) adds the MC-mixture log-likelihood per row.
+        """
+        return self.run_many([MCRequest(x, options or MCOptions(), targets)])[0]
+
+    def run_many(self, requests: Sequence[MCRequest]) -> list[RegressionSummary | ClassificationSummary]:
+        """Run several compatible requests in one pass (see `batch_key`); one summary each.
+
+        Each request draws from its own seed, so its answer does not depend on the others.
+        """
+        if not requests:
+            return []
+        opts = [r.options.validated() for r in requests]
+        if len({batch_key(o) for o in opts}) != 1 or (len(requests) > 1 and opts[0].samples == "auto"):
+            raise ValueError("requests in one run must share samples and mask_mode (and not be 'auto')")
+        for r in requests:
+            self._check_request(r)
+        if len(requests) > 1 and any(r.targets is not None for r in requests):
+            raise ValueError("targets are only accepted for a single request")
+        seeds = [secrets.randbits(63) if o.seed is None else o.seed for o in opts]
+        with torch.inference_mode():
+            xs = [r.x.to(self.device, self.dtype) for r in requests]
+            return self._run(xs, opts, seeds, requests[0].targets)
+
+    def _check_request(self, request: MCRequest) -> None:
+        x = request.x
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape or not len(x):
+            raise ValueError(
+                f"input must have shape [rows, {', '.join(map(str, self.input_shape))}], "
+                f"got {list(x.shape)}"
+            )
+        if request.targets is None:
+            return
+        if self.task != "regression":
+            raise ValueError("targets are only used for regression log-likelihood")
+        if self.tau is None and not self.heteroscedastic:
+            raise ValueError("log-likelihood needs tau in the manifest or a heteroscedastic head")
+        if request.targets.shape[0] != x.shape[0] or request.targets.dim() != 2:
+            raise ValueError(f"targets must have shape [{x.shape[0]}, outputs], got {list(request.targets.shape)}")
+
+    def _run(
+        self, xs: list[Tensor], opts: list[MCOptions], seeds: list[int], targets: Tensor | None
+    ) -> list[RegressionSummary | ClassificationSummary]:
+        sizes = [len(x) for x in xs]
+        rows = sum(sizes)
+        boundary = self._prefix(xs)
+        keys = RowKeys(
+            seeds=[s for s, n in zip(seeds, sizes, strict=True) for _ in range(n)],
+            rows=[r for n in sizes for r in range(n)],
+            shared_seeds=seeds,
+            shared_index=None if len(xs) == 1 else torch.repeat_interleave(
+                torch.arange(len(xs)), torch.tensor(sizes)),
+        )  # fmt: skip
+        first = opts[0]
+        acc = _Accumulators(self, rows, first, max(o.return_samples for o in opts), targets)
+        done = 0
+        for round_end in self._rounds(first):
+            for rows_slice, start, count in self._chunks(rows, done, round_end):
+                ctx = SamplingContext(
+                    self.sites, _slice_keys(keys, rows_slice), start, count, first.mask_mode,
+                    self.device,
+                )  # fmt: skip
+                part = [b[rows_slice] if batched else b
+                        for b, batched in zip(boundary, self.program.batched, strict=True)]  # fmt: skip
+                out = self.program.run_suffix(part, ctx)
+                acc.update(rows_slice, start, out.view(ctx.n_rows, count, -1), round_end)
+            done = round_end
+            if first.samples == "auto" and acc.converged(first.tolerance):
+                break
+        offsets = [0, *itertools.accumulate(sizes)]
+        return [acc.summary(slice(offsets[i], offsets[i + 1]), done, seeds[i], opts[i])
+                for i in range(len(xs))]  # fmt: skip
+
+    def _prefix(self, xs: list[Tensor]) -> list[Any]:
+        """Prefix once per row, each request padded to a multiple of 8 rows and aligned.
+
+        Padding keeps every row at the same position modulo 8 whatever shares the batch,
+        so CPU kernels treat it identically; the padding rows are dropped afterwards.
+        """
+        parts, real = [], []
+        offset = 0
+        for x in xs:
+            padded = round_up(len(x))
+            parts.append(x)
+            if padded != len(x):
+                parts.append(x.new_zeros((padded - len(x), *x.shape[1:])))
+            real.extend(range(offset, offset + len(x)))
+            offset += padded
+        values = self.program.run_prefix(torch.cat(parts) if len(parts) > 1 else parts[0])
+        if len(real) == offset:
+            return values
+        index = torch.tensor(real, device=self.device)
+        return [v.index_select(0, index) if batched else v
+                for v, batched in zip(values, self.program.batched, strict=True)]  # fmt: skip
+
+    def _rounds(self, opts: MCOptions) -> Iterator[int]:
+        """Sample totals after each round: one round, or doubling rounds for 'auto'."""
+        if opts.samples != "auto":
+            yield opts.samples
+            return
+        total = min(AUTO_FIRST_ROUND, opts.max_samples)
+        while True:
+            yield total
+            if total >= opts.max_samples:
+                return
+            total = min(total * 2, opts.max_samples)
+
+    def _chunks(self, rows: int, start: int, end: int) -> Iterator[tuple[slice, int, int]]:
+        """(rows, first sample, sample count) chunks covering samples [start, end) of all rows.
+
+        Sample ranges are whole blocks (the last may run past `end`; those are ignored).
+        """
+        per_row_sample = max(self.program.row_elements, 1)
+        fit = self.chunk_elements // per_row_sample  # (row, sample) pairs per chunk
+        span = round_up(end) - start
+        samples = min(span, max(BLOCK, (fit // rows) // BLOCK * BLOCK))
+        row_step = rows if samples * rows <= fit else max(1, fit // samples)
+        for first in range(start, start + span, samples):
+            count = min(samples, start + span - first)
+            for r0 in range(0, rows, row_step):
+                yield slice(r0, min(rows, r0 + row_step)), first, count
+
+
+def _slice_keys(keys: RowKeys, rows: slice) -> RowKeys:
+    index = None if keys.shared_index is None else keys.shared_index[rows]
+    return RowKeys(keys.seeds[rows], keys.rows[rows], keys.shared_seeds, index)
+
+
+class _Accumulators:
+    """Per-run streaming state: moments of per-sample features, kept samples, log-likelihood."""
+
+    def __init__(
+        self, engine: MCEngine, rows: int, opts: MCOptions, returned: int, targets: Tensor | None
+    ) -> None:
+        self.engine = engine
+        n_total = opts.max_samples if opts.samples == "auto" else opts.samples
+        quantiles = QUANTILE_SAMPLES if engine.task == "regression" else 0
+        self.keep = min(n_total, max(returned, quantiles))
+        self.kept: Tensor | None = None
+        self.kept_aleatoric: Tensor | None = None
+        self.moments: StreamingMoments | None = None
+        self.rows = rows
+        self.targets = None if targets is None else targets.to(engine.device, torch.float64)
+        self.loglik = StreamingLogMeanExp(rows, engine.device) if targets is not None else None
+
+    def _features(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-sample features [R, S, F] and, for regression, per-sample variance or None."""
+        out = out.to(torch.float64)
+        eng = self.engine
+        if eng.task == "classification":
+            return classification_features(out), None
+        d = out.shape[-1] // 2 if eng.heteroscedastic else out.shape[-1]
+        mean = out[..., :d]
+        var = out[..., d:].exp() if eng.heteroscedastic else None
+        if eng.scale is not None:
+            mean = mean * eng.scale
+            var = None if var is None else var * eng.scale**2
+        if eng.shift is not None:
+            mean = mean + eng.shift
+        return (mean if var is None else torch.cat([mean, var], -1)), var
+
+    def update(self, rows: slice, first: int, out: Tensor, total: int) -> None:
+        feats, var = self._features(out)
+        if self.moments is None:
+            self.moments = StreamingMoments(self.rows, feats.shape[-1], feats.device)
+        self.moments.update(rows, first, feats, total)
+        if self.keep and first < self.keep:
+            self._keep_samples(rows, first, feats, var)
+        if self.loglik is not None and self.targets is not None:
+            d = self.targets.shape[-1]
+            mu = feats[..., :d]
+            var_t = var if var is not None else torch.full_like(mu, 1.0 / float(self.engine.tau or 1))
+            y = self.targets[rows].unsqueeze(1)
+            ll = (-0.5 * (torch.log(2 * math.pi * var_t) + (y - mu) ** 2 / var_t)).sum(-1)
+            self.loglik.update(rows, first, ll, total)
+
+    def _keep_samples(self, rows: slice, first: int, feats: Tensor, var: Tensor | None) -> None:
+        if self.kept is None:
+            self.kept = feats.new_zeros((self.rows, self.keep, feats.shape[-1]))
+            if var is not None:
+                self.kept_aleatoric = feats.new_zeros((self.rows, self.keep, var.shape[-1]))
+        take = min(self.keep - first, feats.shape[1])
+        self.kept[rows, first : first + take] = feats[:, :take]
+        if var is not None and self.kept_aleatoric is not None:
+            self.kept_aleatoric[rows, first : first + take] = var[:, :take]
+
+    def converged(self, tolerance: float) -> bool:
+        """Every standard error (of each regression mean, or of the top-class probability) small."""
+        assert self.moments is not None
+        n = self.moments.count.unsqueeze(1).to(torch.float64)
+        se = (self.moments.variance / n).sqrt()
+        if self.engine.task == "regression":
+            d = se.shape[1] // 2 if self.engine.heteroscedastic else se.shape[1]
+            return bool((se[:, :d] <= tolerance).all())
+        classes = (se.shape[1] - 1) // 2
+        top = self.moments.mean[:, :classes].argmax(dim=1, keepdim=True)
+        return bool((se[:, :classes].gather(1, top) <= tolerance).all())
+
+    def summary(
+        self, rows: slice, n: int, seed: int, opts: MCOptions
+    ) -> RegressionSummary | ClassificationSummary:
+        """The summary of one request's rows after n samples."""
+        assert self.moments is not None
+        mean, var = self.moments.mean[rows], self.moments.variance[rows]
+        kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
+        returned = None if kept is None or not opts.return_samples else kept[:, : opts.return_samples]
+        levels = validate_levels(opts.interval_levels)
+        if self.engine.task == "classification":
+            return summarize_classification(mean, var, n, seed, returned)
+        eng = self.engine
+        d = mean.shape[1] // 2 if eng.heteroscedastic else mean.shape[1]
+        if eng.heteroscedastic:
+            aleatoric = mean[:, d:]
+        elif eng.tau is not None:
+            aleatoric = torch.full_like(mean, 1.0 / eng.tau)
+        else:
+            aleatoric = torch.zeros_like(mean)
+        epistemic = var[:, :d]
+        total = epistemic + aleatoric
+        emp = {}
+        if kept is not None:
+            noise_std = (self.kept_aleatoric[rows, : kept.shape[1]].sqrt()
+                         if self.kept_aleatoric is not None else aleatoric.sqrt())  # fmt: skip
+            emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
+        return RegressionSummary(
+            mean=mean[:, :d],
+            epistemic_variance=epistemic,
+            aleatoric_variance=aleatoric,
+            samples_used=n,
+            seed=seed,
+            gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
+            empirical_intervals=emp,
+            samples=None if returned is None else returned[..., :d],
+            log_likelihood=None if self.loglik is None else self.loglik.value[rows],
+        )

@@ -1,0 +1,45 @@
+"""One error hierarchy for the whole service; each error carries its HTTP status."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base of every error the service reports to a caller."""
+
+    status_code: int = 500
+
+
+class ModelNotFound(ServiceError):
+    """The named model (or version) is not in the repository."""
+
+    status_code = 404
+
+
+class InvalidInput(ServiceError):
+    """The request's data or options are malformed or out of range."""
+
+    status_code = 400
+
+
+class LimitExceeded(InvalidInput):
+    """The request asks for more than the model's limits allow."""
+
+    status_code = 422
+
+
+class Overloaded(ServiceError):
+    """The model's queue is full; retry later."""
+
+    status_code = 503
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its work could finish."""
+
+    status_code = 504
+
+
+class ModelLoadError(ServiceError):
+    """A model folder could not be turned into a servable model."""
+
+    status_code = 500

@@ -1,0 +1,83 @@
+"""Counter-based, keyed random bits for dropout masks.
+
+Every mask element is a pure function of (seed, site, row, sample index, element), drawn
+from a Philox stream keyed by (seed, site, row) at a counter offset set by the sample
+index. So a seeded request gets the same masks however the work is chunked and whatever
+else shares its batch, and no global RNG state is touched.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_UINT16_PER_COUNTER = 16  # Philox4x64: one counter step yields 4 x 64 random bits
+_ROW_BITS = 40
+_PARALLEL_ELEMENTS = 1 << 18
+
+
+def quantized_drop_probability(p: float) -> float:
+    """The drop probability the 16-bit thresholds really realise: round(p * 2^16) / 2^16."""
+    return round(p * 65536) / 65536
+
+
+def drop_threshold(p: float) -> int:
+    """Signed 16-bit threshold: an element is kept when its random int16 is >= this value."""
+    return round(p * 65536) - 32768
+
+
+def _row_bits(seed: int, site: int, row: int, first_sample: int, n_samples: int, elems: int) -> np.ndarray:
+    """Random int16 values [n_samples, elems] for one (seed, site, row) key.
+
+    Sample s always reads counters [s * c, (s + 1) * c) with c = ceil(elems / 16),
+    so any sample range can be drawn independently and gives identical bits.
+    """
+    per_sample = -(-elems // _UINT16_PER_COUNTER)
+    key = [seed & 0xFFFF_FFFF_FFFF_FFFF, (site << _ROW_BITS) | row]
+    gen = np.random.Philox(key=key, counter=[first_sample * per_sample, 0, 0, 0])
+    raw = gen.random_raw(n_samples * per_sample * 4).view(np.int16)
+    return raw.reshape(n_samples, per_sample * _UINT16_PER_COUNTER)[:, :elems]
+
+
+def keep_mask(
+    seeds: list[int],
+    rows: list[int],
+    site: int,
+    first_sample: int,
+    n_samples: int,
+    elem_shape: tuple[int, ...],
+    p: float,
+    device: torch.device,
+) -> Tensor:
+    """Boolean keep-mask [len(rows), n_samples, *elem_shape] for one stochastic site.
+
+    Row i uses key (seeds[i], site, rows[i]); shared-mask mode passes one key per request.
+    Large masks are drawn by two threads (numpy releases the GIL while it draws).
+    """
+    elems = math.prod(elem_shape)
+    threshold = drop_threshold(p)
+    keep = np.empty((len(rows), n_samples, elems), dtype=np.bool_)
+
+    def fill(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            bits = _row_bits(seeds[i], site, rows[i], first_sample, n_samples, elems)
+            np.greater_equal(bits, threshold, out=keep[i])
+
+    n = len(rows)
+    if n >= 2 and keep.size >= _PARALLEL_ELEMENTS:
+        half = n // 2
+        list(_pool().map(lambda bounds: fill(*bounds), [(0, half), (half, n)]))
+    else:
+        fill(0, n)
+    mask = torch.from_numpy(keep).view(n, n_samples, *elem_shape)
+    return mask if device.type == "cpu" else mask.to(device, non_blocking=True)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="mcdrop-masks")

@@ -1,0 +1,157 @@
+"""Uncertainty summaries from streamed Monte Carlo moments (pure tensor math, no I/O).
+
+Shapes: B rows, D regression outputs, C classes, K kept samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+_NORMAL = torch.distributions.Normal(0.0, 1.0)
+
+
+def gaussian_quantile(level: float) -> float:
+    """z such that a central interval mean ± z·std holds `level` of a Gaussian."""
+    return float(_NORMAL.icdf(torch.tensor(0.5 + level / 2.0, dtype=torch.float64)))
+
+
+def validate_levels(levels: tuple[float, ...]) -> tuple[float, ...]:
+    """Reject interval levels outside (0, 1); returns them sorted and de-duplicated."""
+    for level in levels:
+        if not 0.0 < level < 1.0 or math.isnan(level):
+            raise ValueError(f"interval level {level} must lie strictly between 0 and 1")
+    return tuple(sorted(set(levels)))
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A central interval per row and output: lower, upper with shape [B, D]."""
+
+    lower: Tensor
+    upper: Tensor
+
+
+@dataclass(frozen=True)
+class RegressionSummary:
+    """Predictive distribution per row and output ([B, D] tensors, raw target units)."""
+
+    mean: Tensor
+    epistemic_variance: Tensor
+    aleatoric_variance: Tensor
+    samples_used: int
+    seed: int
+    gaussian_intervals: dict[float, Interval] = field(default_factory=dict)
+    empirical_intervals: dict[float, Interval] = field(default_factory=dict)
+    samples: Tensor | None = None  # [B, K, D]
+    log_likelihood: Tensor | None = None  # [B], MC-mixture log density of given targets
+
+    @property
+    def variance(self) -> Tensor:
+        """Total predictive variance: epistemic + aleatoric."""
+        return self.epistemic_variance + self.aleatoric_variance
+
+    @property
+    def std(self) -> Tensor:
+        """Total predictive standard deviation."""
+        return self.variance.sqrt()
+
+
+@dataclass(frozen=True)
+class ClassificationSummary:
+    """Predictive class distribution per row ([B, C] or [B] tensors)."""
+
+    probabilities: Tensor
+    probabilities_std: Tensor
+    entropy: Tensor
+    expected_entropy: Tensor
+    variation_ratio: Tensor
+    samples_used: int
+    seed: int
+    samples: Tensor | None = None  # [B, K, C] per-sample probabilities
+
+    @property
+    def predicted_class(self) -> Tensor:
+        """Index of the most probable class under the averaged probabilities, [B]."""
+        return self.probabilities.argmax(dim=-1)
+
+    @property
+    def mutual_information(self) -> Tensor:
+        """Epistemic part of the entropy (BALD): entropy of the mean minus mean entropy, [B]."""
+        return (self.entropy - self.expected_entropy).clamp_min(0.0)
+
+
+Summary = RegressionSummary | ClassificationSummary
+
+
+def entropy(probs: Tensor) -> Tensor:
+    """Shannon entropy in nats over the last dimension, with 0·log 0 = 0."""
+    return -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)
+
+
+def classification_features(logits: Tensor) -> Tensor:
+    """Per-sample features whose means make the classification summary.
+
+    logits [..., C] -> [..., 2C+1]: softmax probabilities, their entropy, one-hot argmax.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    votes = torch.nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).to(probs.dtype)
+    return torch.cat([probs, entropy(probs).unsqueeze(-1), votes], dim=-1)
+
+
+def summarize_classification(
+    mean: Tensor, variance: Tensor, samples_used: int, seed: int, samples: Tensor | None
+) -> ClassificationSummary:
+    """Classification summary from the mean/variance of classification_features, [B, 2C+1]."""
+    n_classes = (mean.shape[-1] - 1) // 2
+    probs = mean[..., :n_classes]
+    votes = mean[..., n_classes + 1 :]
+    return ClassificationSummary(
+        probabilities=probs,
+        probabilities_std=variance[..., :n_classes].clamp_min(0.0).sqrt(),
+        entropy=entropy(probs),
+        expected_entropy=mean[..., n_classes],
+        variation_ratio=(1.0 - votes.max(dim=-1).values).clamp_min(0.0),
+        samples_used=samples_used,
+        seed=seed,
+        samples=None if samples is None else samples[..., :n_classes],
+    )
+
+
+def gaussian_intervals(
+    mean: Tensor, variance: Tensor, levels: tuple[float, ...]
+) -> dict[float, Interval]:
+    """Central Gaussian intervals mean ± z·sqrt(variance) for each level."""
+    std = variance.clamp_min(0.0).sqrt()
+    out = {}
+    for level in levels:
+        z = gaussian_quantile(level)
+        out[level] = Interval(mean - z * std, mean + z * std)
+    return out
+
+
+def empirical_intervals(
+    samples: Tensor, aleatoric_std: Tensor, levels: tuple[float, ...], seed: int
+) -> dict[float, Interval]:
+    """Central intervals from quantiles of kept samples [B, K, D] of the predictive.
+
+    Aleatoric noise (std [B, D] or [B, K, D]) is added to each kept sample from a
+    seeded generator so the quantiles describe the total predictive, not only the mean's.
+    """
+    if samples.shape[1] == 0:
+        return {}
+    draws = samples
+    if bool((aleatoric_std > 0).any()):
+        gen = torch.Generator(device=samples.device).manual_seed(seed ^ 0x5EED)
+        noise = torch.randn(samples.shape, generator=gen, dtype=samples.dtype, device=samples.device)
+        std = aleatoric_std if aleatoric_std.dim() == 3 else aleatoric_std.unsqueeze(1)
+        draws = samples + noise * std
+    out = {}
+    for level in levels:
+        q = torch.tensor([0.5 - level / 2.0, 0.5 + level / 2.0], dtype=draws.dtype)
+        bounds = torch.quantile(draws, q.to(draws.device), dim=1)
+        out[level] = Interval(bounds[0], bounds[1])
+    return out
