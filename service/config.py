@@ -16,7 +16,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MCDROP_", extra="forbid")
 
-    model_repository: Path = Field(Path("models"), description="folder with one subfolder per model")
+    model_repository: Path = Field(Path("models"), description="one subfolder per model")
     device: DeviceName | None = Field(None, description="overrides every manifest's device")
     chunk_elements: int = Field(
         1 << 24, ge=1024, description="largest activation (elements) one forward chunk may hold"

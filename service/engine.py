@@ -159,7 +159,9 @@ class MCEngine:
         """
         return self.run_many([MCRequest(x, options or MCOptions(), targets)])[0]
 
-    def run_many(self, requests: Sequence[MCRequest]) -> list[RegressionSummary | ClassificationSummary]:
+    def run_many(
+        self, requests: Sequence[MCRequest]
+    ) -> list[RegressionSummary | ClassificationSummary]:
         """Run several compatible requests in one pass (see `batch_key`); one summary each.
 
         Each request draws from its own seed, so its answer does not depend on the others.
@@ -167,8 +169,12 @@ class MCEngine:
         if not requests:
             return []
         opts = [r.options.validated() for r in requests]
-        if len({batch_key(o) for o in opts}) != 1 or (len(requests) > 1 and opts[0].samples == "auto"):
-            raise ValueError("requests in one run must share samples and mask_mode (and not be 'auto')")
+        if len({batch_key(o) for o in opts}) != 1 or (
+            len(requests) > 1 and opts[0].samples == "auto"
+        ):
+            raise ValueError(
+                "requests in one run must share samples and mask_mode (and not be 'auto')"
+            )
         for r in requests:
             self._check_request(r)
         if len(requests) > 1 and any(r.targets is not None for r in requests):
@@ -180,7 +186,11 @@ class MCEngine:
 
     def _check_request(self, request: MCRequest) -> None:
         x = request.x
-        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape or not len(x):
+        if (
+            x.dim() != len(self.input_shape) + 1
+            or tuple(x.shape[1:]) != self.input_shape
+            or not len(x)
+        ):
             raise ValueError(
                 f"input must have shape [rows, {', '.join(map(str, self.input_shape))}], "
                 f"got {list(x.shape)}"
@@ -192,7 +202,8 @@ class MCEngine:
         if self.tau is None and not self.heteroscedastic:
             raise ValueError("log-likelihood needs tau in the manifest or a heteroscedastic head")
         if request.targets.shape[0] != x.shape[0] or request.targets.dim() != 2:
-            raise ValueError(f"targets must have shape [{x.shape[0]}, outputs], got {list(request.targets.shape)}")
+            got = list(request.targets.shape)
+            raise ValueError(f"targets must have shape [{x.shape[0]}, outputs], got {got}")
 
     def _run(
         self, xs: list[Tensor], opts: list[MCOptions], seeds: list[int], targets: Tensor | None
@@ -216,9 +227,9 @@ class MCEngine:
                     self.sites, _slice_keys(keys, rows_slice), start, count, first.mask_mode,
                     self.device,
                 )  # fmt: skip
-                part = [b[rows_slice] if batched else b
-                        for b, batched in zip(boundary, self.program.batched, strict=True)]  # fmt: skip
-                out = self.program.run_suffix(part, ctx)
+                out = self.program.run_suffix(
+                    _rows_of(boundary, self.program.batched, rows_slice), ctx
+                )
                 acc.update(rows_slice, start, out.view(ctx.n_rows, count, -1), round_end)
             done = round_end
             if first.samples == "auto" and acc.converged(first.tolerance):
@@ -233,7 +244,8 @@ class MCEngine:
         Padding keeps every row at the same position modulo 8 whatever shares the batch,
         so CPU kernels treat it identically; the padding rows are dropped afterwards.
         """
-        parts, real = [], []
+        parts: list[Tensor] = []
+        real: list[int] = []
         offset = 0
         for x in xs:
             padded = round_up(len(x))
@@ -275,6 +287,11 @@ class MCEngine:
             count = min(samples, start + span - first)
             for r0 in range(0, rows, row_step):
                 yield slice(r0, min(rows, r0 + row_step)), first, count
+
+
+def _rows_of(boundary: list[Any], batched: Sequence[bool], rows: slice) -> list[Any]:
+    """The boundary values of one row range (values without a batch dimension pass as is)."""
+    return [b[rows] if is_batched else b for b, is_batched in zip(boundary, batched, strict=True)]
 
 
 def _slice_keys(keys: RowKeys, rows: slice) -> RowKeys:
@@ -325,7 +342,9 @@ class _Accumulators:
         if self.loglik is not None and self.targets is not None:
             d = self.targets.shape[-1]
             mu = feats[..., :d]
-            var_t = var if var is not None else torch.full_like(mu, 1.0 / float(self.engine.tau or 1))
+            var_t = (
+                var if var is not None else torch.full_like(mu, 1.0 / float(self.engine.tau or 1))
+            )
             y = self.targets[rows].unsqueeze(1)
             ll = (-0.5 * (torch.log(2 * math.pi * var_t) + (y - mu) ** 2 / var_t)).sum(-1)
             self.loglik.update(rows, first, ll, total)
@@ -359,7 +378,9 @@ class _Accumulators:
         assert self.moments is not None
         mean, var = self.moments.mean[rows], self.moments.variance[rows]
         kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
-        returned = None if kept is None or not opts.return_samples else kept[:, : opts.return_samples]
+        returned = (
+            None if kept is None or not opts.return_samples else kept[:, : opts.return_samples]
+        )
         levels = validate_levels(opts.interval_levels)
         if self.engine.task == "classification":
             return summarize_classification(mean, var, n, seed, returned)

@@ -127,7 +127,11 @@ class ModelSpec(_Strict):
         for d in self.input.shape:
             n_in *= d
         norm = self.normalization
-        if norm.input_mean is not None and len(norm.input_mean) not in (1, n_in, self.input.shape[0]):
+        if norm.input_mean is not None and len(norm.input_mean) not in (
+            1,
+            n_in,
+            self.input.shape[0],
+        ):
             raise ValueError(
                 f"normalization.input_mean has {len(norm.input_mean)} values; expected 1, "
                 f"{self.input.shape[0]} (per channel) or {n_in} (per feature)"

@@ -31,7 +31,9 @@ def drop_threshold(p: float) -> int:
     return round(p * 65536) - 32768
 
 
-def _row_bits(seed: int, site: int, row: int, first_sample: int, n_samples: int, elems: int) -> np.ndarray:
+def _row_bits(
+    seed: int, site: int, row: int, first_sample: int, n_samples: int, elems: int
+) -> np.ndarray:
     """Random int16 values [n_samples, elems] for one (seed, site, row) key.
 
     Sample s always reads counters [s * c, (s + 1) * c) with c = ceil(elems / 16),

@@ -224,9 +224,12 @@ def multihead_attention(
         if mask is None:
             mask = pad_add
         elif mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-                ~mask, -math.inf
-            ) + pad_add
+            mask = (
+                torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                    ~mask, -math.inf
+                )
+                + pad_add
+            )
         else:
             mask = mask + pad_add
     weights = _attention_weights(q, k, mask, is_causal and attn_mask is None, None)

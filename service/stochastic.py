@@ -120,7 +120,9 @@ def _find_sites(gm: fx.GraphModule) -> list[_FoundSite]:
 def select_sites(names: list[str], sample: SampleSelection) -> list[int]:
     """Indices of the sites that sample: all, the last one, or those named."""
     if not names:
-        raise ModelLoadError("the model has no stochastic op (no dropout with p > 0): MC dropout needs one")
+        raise ModelLoadError(
+            "the model has no stochastic op (no dropout with p > 0): MC dropout needs one"
+        )
     if sample == "all":
         return list(range(len(names)))
     if sample == "last":
@@ -157,7 +159,7 @@ def _probe(gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype)
         seen: dict[fx.Node, Any] = {}
 
         class _Recorder(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
+            def run_node(self, n: fx.Node, seen: dict[fx.Node, Any] = seen) -> Any:
                 out = super().run_node(n)
                 seen[n] = out
                 return out
@@ -304,17 +306,21 @@ _ATEN_KINDS: dict[Any, SiteKind] = {
 }
 
 
-class _DropoutCalls(TorchDispatchMode):
+class _DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Sees every aten dropout call; records them, or replaces them with keyed masks."""
 
     def __init__(self, ctx: SamplingContext | None, selected: set[int] | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ctx = ctx
         self.selected = selected
         self.seen: list[tuple[SiteKind, float]] = []
 
     def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kind = _ATEN_KINDS.get(func)
         if kind is None or float(args[1]) <= 0:
@@ -392,6 +398,6 @@ def prepare(
             return split_program(module, input_shape, sample, dtype)
         except ModelLoadError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any tracing failure means: use the fallback
+        except Exception as exc:  # any tracing failure means: use the fallback
             log.info("fx cannot trace %s (%s); running it whole", type(module).__name__, exc)
     return whole_program(module, input_shape, sample, dtype)

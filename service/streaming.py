@@ -57,7 +57,9 @@ class StreamingMoments:
             self.shift[rows] = _block_sum(v[:, None, :k]).squeeze(1) / k
         d = (v - self.shift[rows].unsqueeze(1)) * valid.view(1, s, 1)
         d = d.view(r, s // BLOCK, BLOCK, f)
-        self.sum1[rows] = torch.cat([self.sum1[rows].unsqueeze(1), _block_sum(d)], 1).cumsum(1)[:, -1]
+        self.sum1[rows] = torch.cat([self.sum1[rows].unsqueeze(1), _block_sum(d)], 1).cumsum(1)[
+            :, -1
+        ]
         self.sum2[rows] = torch.cat([self.sum2[rows].unsqueeze(1), _block_sum(d * d)], 1).cumsum(1)[
             :, -1
         ]

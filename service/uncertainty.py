@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
 from torch import Tensor
 
-_NORMAL = torch.distributions.Normal(0.0, 1.0)
+_NORMAL = NormalDist()
 
 
 def gaussian_quantile(level: float) -> float:
     """z such that a central interval mean ± z·std holds `level` of a Gaussian."""
-    return float(_NORMAL.icdf(torch.tensor(0.5 + level / 2.0, dtype=torch.float64)))
+    return _NORMAL.inv_cdf(0.5 + level / 2.0)
 
 
 def validate_levels(levels: tuple[float, ...]) -> tuple[float, ...]:
@@ -146,7 +147,9 @@ def empirical_intervals(
     draws = samples
     if bool((aleatoric_std > 0).any()):
         gen = torch.Generator(device=samples.device).manual_seed(seed ^ 0x5EED)
-        noise = torch.randn(samples.shape, generator=gen, dtype=samples.dtype, device=samples.device)
+        noise = torch.randn(
+            samples.shape, generator=gen, dtype=samples.dtype, device=samples.device
+        )
         std = aleatoric_std if aleatoric_std.dim() == 3 else aleatoric_std.unsqueeze(1)
         draws = samples + noise * std
     out = {}

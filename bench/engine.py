@@ -1,0 +1,393 @@
+"""Benchmark: the MC dropout engine against the usual ways, as ratios to the dense floor.
+
+`python bench/engine.py` prints a table; `--json` prints the same figures as one JSON
+object; `--ablation` adds the engine's ingredients timed in isolation. See
+docs/performance.md for what is measured and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import format_table, interleaved, machine, set_threads, summarize
+from service.engine import MCEngine, MCOptions
+from service.masks import _row_bits, drop_threshold, keep_mask
+
+Way = Callable[[], Tensor]
+SEED = 0
+DENSE = "dense"
+WAYS: dict[str, str] = {
+    "loop": "Python loop of N forward calls, dropout modules in train mode",
+    "vectorised": "input repeated N times, one forward, eager dropout (the usual way)",
+    "engine_independent": "MCEngine.run, independent masks (summaries included)",
+    "engine_shared": "MCEngine.run, shared masks (summaries included)",
+    DENSE: "one forward of the N x B rows, dropout off (the floor)",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked network: fixed weights (eval mode), batch size B and samples N."""
+
+    name: str
+    title: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    rows: int
+    samples: int
+    targets: dict[str, float]  # way -> largest acceptable ratio to the dense floor
+
+
+def reference_mlp(in_features: int = 64, width: int = 512, depth: int = 3) -> nn.Sequential:
+    """DESIGN.md's reference MLP: in -> depth x width (ReLU, Dropout(0.1)) -> 10 classes."""
+    layers: list[nn.Module] = []
+    size = in_features
+    for _ in range(depth):
+        layers += [nn.Linear(size, width), nn.ReLU(), nn.Dropout(0.1)]
+        size = width
+    layers.append(nn.Linear(size, 10))
+    return nn.Sequential(*layers)
+
+
+def lenet() -> nn.Sequential:
+    """LeNet-like CNN on 1x28x28 with dropout only in its classifier head."""
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(256, 120), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(120, 84), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(84, 10),
+    )  # fmt: skip
+
+
+def build_cases(quick: bool = False) -> list[Case]:
+    """The two issue cases (MLP B=32 N=100, CNN B=8 N=100), or tiny ones for --quick."""
+    torch.manual_seed(SEED)
+    mlp = reference_mlp(width=32 if quick else 512).eval()
+    cnn = lenet().eval()
+    return [
+        Case(
+            "mlp", "MLP 64 -> 3x512 -> 10", mlp, (64,), 4 if quick else 32, 16 if quick else 100,
+            {"engine_independent": 1.6, "engine_shared": 1.2},
+        ),
+        Case(
+            "cnn", "LeNet CNN 1x28x28", cnn, (1, 28, 28), 2 if quick else 8, 16 if quick else 100,
+            {"engine_independent": 0.5, "engine_shared": 0.5},
+        ),
+    ]  # fmt: skip
+
+
+def _sampling_copy(module: nn.Module) -> nn.Module:
+    """A copy in eval mode with only its dropout modules in train mode (what tutorials do)."""
+    net = copy.deepcopy(module).eval()
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    return net
+
+
+def make_ways(case: Case, seed: int = SEED) -> dict[str, Way]:
+    """One zero-argument callable per way; the engine is built here, outside the timing.
+
+    Every way but the floor returns mean class probabilities [B, C]; the floor returns
+    the logits of the N*B expanded rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((case.rows, *case.input_shape), generator=gen)
+    n, b = case.samples, case.rows
+    ones = (1,) * len(case.input_shape)
+    sampling = _sampling_copy(case.module)
+    dense = copy.deepcopy(case.module).eval()
+    engine = MCEngine(
+        copy.deepcopy(case.module), task="classification", input_shape=case.input_shape
+    )
+    expanded = x.repeat(n, *ones)
+
+    def loop() -> Tensor:
+        return torch.stack([torch.softmax(sampling(x), dim=-1) for _ in range(n)]).mean(0)
+
+    def vectorised() -> Tensor:
+        out: Tensor = sampling(x.repeat(n, *ones))
+        return torch.softmax(out.view(n, b, -1), dim=-1).mean(0)
+
+    def run_engine(mode: str) -> Way:
+        options = MCOptions(samples=n, seed=seed, mask_mode=mode)  # type: ignore[arg-type]
+
+        def way() -> Tensor:
+            summary = engine.run(x, options)
+            probabilities: Tensor = getattr(summary, "probabilities")  # noqa: B009
+            return probabilities
+
+        return way
+
+    def floor() -> Tensor:
+        out: Tensor = dense(expanded)
+        return out
+
+    return {
+        "loop": loop,
+        "vectorised": vectorised,
+        "engine_independent": run_engine("independent"),
+        "engine_shared": run_engine("shared"),
+        DENSE: floor,
+    }
+
+
+def check_answers(case: Case, answers: dict[str, Tensor]) -> None:
+    """Raise if a way did not compute what it should (so the benchmark times real work)."""
+    for name, out in answers.items():
+        rows = case.rows * case.samples if name == DENSE else case.rows
+        if out.dim() != 2 or out.shape[0] != rows:
+            raise RuntimeError(f"{case.name}/{name}: answer has shape {list(out.shape)}")
+        if name != DENSE:
+            total = out.sum(dim=-1).to(torch.float64)
+            if not torch.allclose(total, torch.ones_like(total), atol=1e-5):
+                raise RuntimeError(f"{case.name}/{name}: probabilities do not sum to 1")
+
+
+def measure(cases: Sequence[Case], repeats: int, warmup: int) -> dict[str, Any]:
+    """Time every way of every case, all interleaved round-robin; JSON-ready figures."""
+    timed: dict[str, Callable[[], object]] = {}
+    with torch.inference_mode():
+        for case in cases:
+            ways = make_ways(case)
+            check_answers(case, {name: way() for name, way in ways.items()})
+            timed.update({f"{case.name}/{name}": way for name, way in ways.items()})
+        times = interleaved(timed, repeats, warmup)
+    result: dict[str, Any] = {}
+    for case in cases:
+        stats = {name: summarize(times[f"{case.name}/{name}"]) for name in WAYS}
+        floor = stats[DENSE].median_ms
+        ways = {name: {**s.as_dict(), "ratio": s.median_ms / floor} for name, s in stats.items()}
+        result[case.name] = {
+            "title": case.title,
+            "rows": case.rows,
+            "samples": case.samples,
+            "ways": figures,
+            "targets": {
+                name: {
+                    "max_ratio": limit,
+                    "ratio": figures[name]["ratio"],
+                    "met": figures[name]["ratio"] <= limit,
+                }
+                for name, limit in case.targets.items()
+            },
+            "speedup_vs_vectorised": {
+                name: stats["vectorised"].median_ms / stats[name].median_ms
+                for name in ("engine_independent", "engine_shared")
+            },
+        }
+    return result
+
+
+# -- ablation: the engine's ingredients in isolation, on the MLP's 32 x 100 x 512 activation --
+
+
+def _keep_mask_one_thread(
+    seeds: list[int], rows: list[int], samples: int, features: int, p: float
+) -> Tensor:
+    """keep_mask's work done row by row in the calling thread only (no second thread)."""
+    keep = np.empty((len(rows), samples, features), dtype=np.bool_)
+    threshold = drop_threshold(p)
+    for i in range(len(rows)):
+        bits = _row_bits(seeds[i], 0, rows[i], 0, samples, features)
+        np.greater_equal(bits, threshold, out=keep[i])
+    return torch.from_numpy(keep)
+
+
+ABLATION_GROUPS: dict[str, tuple[str, list[str]]] = {
+    # group -> (baseline, ways compared with it)
+    "mask draw + apply": ("F.dropout, eager", ["keyed mask + apply", "shared mask + apply"]),
+    "mask draw only": (
+        "torch bernoulli float mask",
+        ["keyed bool mask, 1 thread", "keyed bool mask, 2 threads", "shared bool mask"],
+    ),
+    "prefix once per row": ("layer 1 on N*B rows + mask", ["layer 1 on B rows + fused mask"]),
+    "scale folded": ("expand, mask, scale", ["one broadcast multiply"]),
+    "row-major layout": ("sample-major mask, strided apply", ["row-major mask, contiguous apply"]),
+}
+
+
+def ablation(repeats: int, warmup: int, quick: bool) -> dict[str, Any]:
+    """Time the engine's mask and layout steps against the eager alternatives (MLP case)."""
+    rows, samples, features, p = (4, 16, 32, 0.1) if quick else (32, 100, 512, 0.1)
+    scale = 1.0 / (1.0 - p)
+    gen = torch.Generator().manual_seed(SEED)
+    seeds, row_ids = [SEED] * rows, list(range(rows))
+    cpu = torch.device("cpu")
+    layer = nn.Linear(64, features).eval()
+    x = torch.randn(rows, 64, generator=gen)
+    act_rows = torch.relu(layer(x)).detach()  # [B, F]: the first site's input, before expansion
+    act = act_rows.repeat_interleave(samples, 0)  # [B*N, F]
+    act3 = act.view(rows, samples, features)
+    keep = keep_mask(seeds, row_ids, 0, 0, samples, (features,), p, cpu)
+    keep_sample_major = keep.transpose(0, 1).contiguous()  # [N, B, F]
+    x_expanded = x.repeat_interleave(samples, 0)
+
+    def keyed() -> Tensor:
+        return keep_mask(seeds, row_ids, 0, 0, samples, (features,), p, cpu)
+
+    def shared() -> Tensor:
+        return keep_mask([SEED], [0], 0, 0, samples, (features,), p, cpu)
+
+    ways: dict[str, Callable[[], object]] = {
+        "F.dropout, eager": lambda: F.dropout(act, p, training=True),
+        "keyed mask + apply": lambda: (act3 * keyed()).mul_(scale),
+        "shared mask + apply": lambda: (act3 * shared()).mul_(scale),
+        "torch bernoulli float mask": lambda: torch.empty_like(act).bernoulli_(1 - p),
+        "keyed bool mask, 1 thread": lambda: _keep_mask_one_thread(
+            seeds, row_ids, samples, features, p
+        ),
+        "keyed bool mask, 2 threads": keyed,
+        "shared bool mask": shared,
+        "layer 1 on N*B rows + mask": lambda: (
+            torch.relu(layer(x_expanded)).view(rows, samples, features) * keep
+        ).mul_(scale),
+        "layer 1 on B rows + fused mask": lambda: torch.relu(layer(x)).unsqueeze(1) * scale * keep,
+        "expand, mask, scale": lambda: (act.clone().view(rows, samples, features) * keep).mul_(
+            scale
+        ),
+        "one broadcast multiply": lambda: act_rows.unsqueeze(1) * scale * keep,
+        "sample-major mask, strided apply": lambda: (act3 * keep_sample_major.transpose(0, 1)).mul_(
+            scale
+        ),
+        "row-major mask, contiguous apply": lambda: (act3 * keep).mul_(scale),
+    }
+    with torch.inference_mode():
+        times = interleaved(ways, repeats, warmup)
+    groups: dict[str, Any] = {}
+    for group, (baseline, others) in ABLATION_GROUPS.items():
+        base = summarize(times[baseline]).median_ms
+        groups[group] = {
+            "baseline": baseline,
+            "ways": {
+                name: {**stats.as_dict(), "ratio": stats.median_ms / base}
+                for name in [baseline, *others]
+                for stats in [summarize(times[name])]
+            },
+        }
+    return {
+        "shape": {"rows": rows, "samples": samples, "features": features, "p": p},
+        "groups": groups,
+    }
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _ms(way: dict[str, float]) -> str:
+    return f"{way['median_ms']:.1f} ±{100 * way['spread']:.0f}%"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text: main table, targets, optional ablation table."""
+    cases: dict[str, Any] = report["cases"]
+    m = report["machine"]
+    lines = [
+        f"mcdrop engine benchmark: torch {m['torch']}, {m['torch_threads']} torch threads, "
+        f"{m['cpus']} CPUs, load average {m['load_average']}, "
+        f"{report['settings']['repeats']} interleaved repeats (median, ±IQR/median)",
+        "",
+    ]
+    headers = ["way"]
+    for case in cases.values():
+        headers += [f"{case['title']} (B={case['rows']}, N={case['samples']}) ms", "/ dense"]
+    rows = []
+    for name, what in WAYS.items():
+        row = [f"{name}: {what}"]
+        for case in cases.values():
+            way = case["ways"][name]
+            row += [_ms(way), f"{way['ratio']:.2f}"]
+        rows.append(row)
+    lines += [format_table(headers, rows), ""]
+    target_rows = []
+    for key, case in cases.items():
+        for name, t in case["targets"].items():
+            speedup = case["speedup_vs_vectorised"][name]
+            target_rows.append(
+                [
+                    key,
+                    name,
+                    f"{t['ratio']:.2f}",
+                    f"<= {t['max_ratio']}",
+                    "met" if t["met"] else "MISSED",
+                    f"{speedup:.1f}x",
+                ]
+            )
+    headers = ["case", "way", "ratio to dense", "target", "", "faster than vectorised"]
+    lines += [format_table(headers, target_rows)]
+    if "ablation" in report:
+        ab = report["ablation"]
+        shape = ab["shape"]
+        lines += [
+            "",
+            f"Ablation (MLP activation: {shape['rows']} rows x {shape['samples']} samples x "
+            f"{shape['features']} features, p={shape['p']}); ratio to the group's first line",
+        ]
+        ab_rows = []
+        for group, g in ab["groups"].items():
+            for name, way in g["ways"].items():
+                ab_rows.append(
+                    [group if name == g["baseline"] else "", name, _ms(way), f"{way['ratio']:.2f}"]
+                )
+        lines += [format_table(["step", "way", "ms", "ratio"], ab_rows)]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (for tests)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--ablation", action="store_true", help="time the engine's steps too")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print it (table or JSON) and return the figures."""
+    args = parse_args(argv)
+    set_threads(args.threads)
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 2)
+    report: dict[str, Any] = {
+        "benchmark": "engine",
+        "machine": machine(),
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": warmup,
+            "quick": args.quick,
+            "seed": SEED,
+        },
+        "ways": dict(WAYS),
+        "cases": measure(build_cases(args.quick), args.repeats, warmup),
+    }
+    if args.ablation:
+        report["ablation"] = ablation(args.repeats, warmup, args.quick)
+    report["machine"]["load_average_after"] = machine()["load_average"]
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

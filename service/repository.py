@@ -1,0 +1,49 @@
+"""Scan a model repository: one subfolder per model, each with a `model.toml` manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import ModelLoadError
+from service.manifest import MANIFEST_NAME, ModelSpec, load_manifest
+
+
+@dataclass(frozen=True)
+class RepositoryScan:
+    """Valid manifests by model name (spec, folder) and, separately, why other folders failed."""
+
+    models: dict[str, tuple[ModelSpec, Path]]
+    errors: dict[str, str]
+
+
+def scan_repository(root: Path) -> RepositoryScan:
+    """Parse every `root/<name>/model.toml`; a broken folder is recorded, never fatal.
+
+    Folders without a manifest and hidden folders are skipped. Both maps are sorted by name.
+    """
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a folder"
+        raise ModelLoadError(f"{root}: model repository {what}")
+    models: dict[str, tuple[ModelSpec, Path]] = {}
+    errors: dict[str, str] = {}
+    for folder in sorted(root.iterdir(), key=lambda p: p.name):
+        manifest = folder / MANIFEST_NAME
+        if folder.name.startswith(".") or not folder.is_dir() or not manifest.exists():
+            continue
+        try:
+            spec = load_manifest(manifest)
+        except ModelLoadError as exc:
+            errors[folder.name] = str(exc)
+            continue
+        except (OSError, ValueError) as exc:  # unreadable file, not UTF-8, ...
+            errors[folder.name] = f"{manifest}: cannot read manifest: {exc}"
+            continue
+        if spec.name != folder.name:
+            errors[folder.name] = (
+                f"{manifest}: name: {spec.name!r} must equal the model's folder name "
+                f"{folder.name!r}"
+            )
+            continue
+        models[spec.name] = (spec, folder)
+    return RepositoryScan(models=models, errors=errors)

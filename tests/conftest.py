@@ -1,0 +1,102 @@
+"""Shared test helpers: write a small, valid MLP model folder (manifest + safetensors weights)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from service.architectures import Activation, build_mlp
+from service.loading import save_weights
+
+
+def toml_value(value: object) -> str:
+    """One TOML value (bool, number, string or list of them), for hand-written manifests."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def toml_table(name: str, values: Mapping[str, object]) -> str:
+    """A `[name]` table with one `key = value` line per entry whose value is not None."""
+    lines = [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_mlp_model(
+    folder: Path,
+    name: str | None = None,
+    *,
+    in_features: int = 2,
+    outputs: Sequence[str] = ("y",),
+    hidden: Sequence[int] = (8,),
+    dropout: float = 0.1,
+    input_dropout: float = 0.0,
+    activation: Activation = "relu",
+    task: str = "regression",
+    heteroscedastic: bool = False,
+    tau: float | None = None,
+    input_mean: Sequence[float] | None = None,
+    input_std: Sequence[float] | None = None,
+    target_mean: Sequence[float] | None = None,
+    target_std: Sequence[float] | None = None,
+    sample: str | Sequence[str] = "all",
+    mc: Mapping[str, object] | None = None,
+    device: str = "cpu",
+    state: Mapping[str, torch.Tensor] | None = None,
+    seed: int = 0,
+) -> nn.Sequential:
+    """Write `folder/model.toml` + `folder/weights.safetensors` for a built-in MLP.
+
+    `name` defaults to the folder's name; `state` sets exact weights (else seeded random);
+    `mc` adds keys to the [mc] table. Returns the network (eval mode) whose weights were written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n_out = len(outputs) * (2 if heteroscedastic else 1)
+    torch.manual_seed(seed)
+    module = build_mlp(in_features, n_out, list(hidden), dropout, input_dropout, activation)
+    if state is not None:
+        module.load_state_dict(dict(state), strict=True)
+    module.eval()
+    save_weights(module, folder / "weights.safetensors")
+    manifest = f'name = "{name or folder.name}"\ntask = "{task}"\n\n'
+    manifest += toml_table("input", {"shape": [in_features]})
+    manifest += toml_table("output", {"names": list(outputs), "heteroscedastic": heteroscedastic})
+    manifest += toml_table("model", {"format": "builtin", "architecture": "mlp"})
+    manifest += toml_table(
+        "model.config",
+        {
+            "hidden": list(hidden),
+            "dropout": dropout,
+            "input_dropout": input_dropout,
+            "activation": activation,
+        },
+    )
+    normalization = {
+        "input_mean": input_mean,
+        "input_std": input_std,
+        "target_mean": target_mean,
+        "target_std": target_std,
+    }
+    if any(v is not None for v in normalization.values()):
+        manifest += toml_table("normalization", normalization)
+    manifest += toml_table("mc", {"tau": tau, "sample": sample, **(mc or {})})
+    manifest += toml_table("runtime", {"device": device})
+    (folder / "model.toml").write_text(manifest, encoding="utf-8")
+    return module
+
+
+@pytest.fixture
+def mlp_writer() -> Callable[..., nn.Sequential]:
+    """`write_mlp_model` as a fixture, for test modules that prefer not to import conftest."""
+    return write_mlp_model
