@@ -55,20 +55,26 @@ def keep_mask(
     elem_shape: tuple[int, ...],
     p: float,
     device: torch.device,
+    scale: float | None = None,
 ) -> Tensor:
-    """Boolean keep-mask [len(rows), n_samples, *elem_shape] for one stochastic site.
+    """Keep-mask [len(rows), n_samples, *elem_shape] for one stochastic site.
 
-    Row i uses key (seeds[i], site, rows[i]); shared-mask mode passes one key per request.
-    Large masks are drawn by two threads (numpy releases the GIL while it draws).
+    Boolean, or with `scale` float32 holding 0 or `scale` (the inverted-dropout factor
+    folded in, so applying it is one multiply). Row i uses key (seeds[i], site, rows[i]);
+    shared-mask mode passes one key per request. Large masks are drawn by two threads
+    (numpy releases the GIL while it draws).
     """
     elems = math.prod(elem_shape)
     threshold = drop_threshold(p)
-    keep = np.empty((len(rows), n_samples, elems), dtype=np.bool_)
+    dtype = np.bool_ if scale is None else np.float32
+    keep: np.ndarray = np.empty((len(rows), n_samples, elems), dtype=dtype)
 
     def fill(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             bits = _row_bits(seeds[i], site, rows[i], first_sample, n_samples, elems)
-            np.greater_equal(bits, threshold, out=keep[i])
+            np.greater_equal(bits, threshold, out=keep[i], casting="unsafe")
+            if scale is not None:
+                keep[i] *= scale
 
     n = len(rows)
     if n >= 2 and keep.size >= _PARALLEL_ELEMENTS:

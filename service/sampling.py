@@ -65,19 +65,17 @@ class SamplingContext:
         rest = value.shape[1:]
         return value.unsqueeze(1).expand(self.n_rows, self.samples, *rest).reshape(-1, *rest)
 
-    def keep(self, site: int, elem_shape: tuple[int, ...], p: float) -> Tensor:
-        """Keep-mask broadcastable to [R, S, *elem_shape]."""
+    def keep(
+        self, site: int, elem_shape: tuple[int, ...], p: float, scale: float | None = None
+    ) -> Tensor:
+        """Keep-mask broadcastable to [R, S, *elem_shape] (bool, or float 0/scale)."""
         if self.mask_mode == "independent":
-            return keep_mask(
-                self.keys.seeds, self.keys.rows, site, self.first, self.samples, elem_shape, p,
-                self.device,
-            )  # fmt: skip
-        n_req = len(self.keys.shared_seeds)
-        mask = keep_mask(
-            self.keys.shared_seeds, [0] * n_req, site, self.first, self.samples, elem_shape, p,
-            self.device,
-        )  # fmt: skip
-        if self.keys.shared_index is not None:
+            seeds, rows = self.keys.seeds, self.keys.rows
+        else:
+            seeds, rows = self.keys.shared_seeds, [0] * len(self.keys.shared_seeds)
+        args = (seeds, rows, site, self.first, self.samples, elem_shape, p, self.device, scale)
+        mask = keep_mask(*args)
+        if self.mask_mode == "shared" and self.keys.shared_index is not None:
             mask = mask[self.keys.shared_index.to(mask.device)]
         return mask
 
@@ -108,23 +106,21 @@ class SamplingContext:
             elem_shape = row_shape[:1] + (1,) * (len(row_shape) - 1)
         else:
             elem_shape = row_shape
-        keep = self.keep(index, elem_shape, p)
         q = quantized_drop_probability(p)
         if kind in ("alpha", "feature_alpha"):
+            keep = self.keep(index, elem_shape, p)
             a = ((1 - q) * (1 + q * _SELU_ALPHA_PRIME**2)) ** -0.5
             b = -a * _SELU_ALPHA_PRIME * q
             return self._merge(torch.where(keep, xs, _SELU_ALPHA_PRIME) * a + b)
-        if xs.shape[1] == 1:
-            return self._merge(xs * (1.0 / (1.0 - q)) * keep)
-        return self._merge((xs * keep).mul_(1.0 / (1.0 - q)))
+        scaled = self.keep(index, elem_shape, p, scale=1.0 / (1.0 - q)).to(xs.dtype)
+        return self._merge(xs * scaled)
 
     def attention_dropout(self, index: int, weights: Tensor) -> Tensor:
         """Dropout on attention probabilities [R*S, ...] (batch first) at site `index`."""
         site = self.sites[index]
         ws = self._split(weights)
-        keep = self.keep(index, tuple(ws.shape[2:]), site.p)
-        p = quantized_drop_probability(site.p)
-        return self._merge((ws * keep).mul_(1.0 / (1.0 - p)))
+        scale = 1.0 / (1.0 - quantized_drop_probability(site.p))
+        return self._merge(ws * self.keep(index, tuple(ws.shape[2:]), site.p, scale).to(ws.dtype))
 
     def sdpa(
         self,

@@ -1,35 +1,29 @@
-"""The MC dropout training recipe (Gal & Ghahramani, 2016) and writing model folders.
+"""The MC dropout training recipe (Gal & Ghahramani, 2016); service.export writes the folders.
 
 Regression follows the UCI protocol of ../shared/uci/README.md: standardised inputs and
 targets, dropout on the input and after every hidden layer, Adam, and an L2 penalty whose
 coefficient comes from the prior length-scale, the dropout rate and the model precision tau.
-Training runs on the CPU and is bit-reproducible from a seed.
+Training runs on the CPU and is bit-reproducible from a seed. Validation rows are scored
+through the serving engine (service.engine), so there is one MC dropout implementation.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from service import scoring
 from service.architectures import Activation, build_mlp
-from service.loading import load_module, save_weights
-from service.manifest import MANIFEST_NAME, ModelSpec, load_manifest
+from service.engine import MCEngine, MCOptions
+from service.uncertainty import ClassificationSummary, RegressionSummary
 
 ArrayLike = np.ndarray | Tensor
 _DROPOUT = (
@@ -40,7 +34,6 @@ _DROPOUT = (
     nn.AlphaDropout,
     nn.FeatureAlphaDropout,
 )
-_MC_CHUNK = 1 << 16  # rows x samples per forward call when scoring a validation split
 
 
 class TrainConfig(BaseModel):
@@ -68,6 +61,12 @@ class TrainConfig(BaseModel):
     def effective_input_dropout(self) -> float:
         """Dropout rate on the inputs (input_dropout, or dropout when it is None)."""
         return self.dropout if self.input_dropout is None else self.input_dropout
+
+    @model_validator(mode="after")
+    def _has_dropout(self) -> TrainConfig:
+        if self.dropout == 0 and self.effective_input_dropout == 0:
+            raise ValueError("dropout: an MC dropout network needs dropout > 0 somewhere")
+        return self
 
 
 class ClassifierConfig(BaseModel):
@@ -206,13 +205,12 @@ def train_regressor(
             generator,
             progress,
         )
-        validation = None
-        if len(val_rows):
-            samples = _mc_outputs(module, x_norm[val_rows], config.validation_samples, config.seed)
-            validation = _score_regression(
-                samples, y_all[val_rows], y_mean, y_std, config.tau, config.heteroscedastic
-            )
     module.eval()
+    validation = None
+    if len(val_rows):
+        validation = _score_regression(
+            module, x_norm[val_rows], y_all[val_rows], y_mean, y_std, config
+        )
     return TrainedModel(
         module=module,
         config=config,
@@ -292,15 +290,12 @@ def train_classifier(
             generator,
             progress,
         )
-        validation = None
-        if len(val_rows):
-            samples = _mc_outputs(module, x_norm[val_rows], config.validation_samples, config.seed)
-            probs = torch.softmax(samples.double(), dim=-1).mean(dim=1)
-            validation = {
-                "accuracy": scoring.accuracy(probs, y_long[val_rows]),
-                "nll": scoring.nll(probs, y_long[val_rows]),
-            }
     module.eval()
+    validation = None
+    if len(val_rows):
+        validation = _score_classification(
+            module, x_norm[val_rows], y_long[val_rows], config.validation_samples, config.seed
+        )
     return TrainedModel(
         module=module,
         config=config,
@@ -392,219 +387,43 @@ def _apply(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x - mean.view(view)) / std.view(view)
 
 
-@contextmanager
-def _dropout_sampling(module: nn.Module) -> Iterator[None]:
-    """Eval mode except dropout modules, which sample; restores eval afterwards."""
-    module.eval()
-    for child in module.modules():
-        if isinstance(child, _DROPOUT):
-            child.train()
-    try:
-        yield
-    finally:
-        module.eval()
-
-
-def _mc_outputs(module: nn.Module, x: Tensor, samples: int, seed: int) -> Tensor:
-    """Raw network outputs of `samples` dropout draws per row: x [B, ...] -> [B, T, out]."""
-    rows_per_call = max(1, _MC_CHUNK // samples)
-    parts = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), _dropout_sampling(module):
-        torch.manual_seed(seed)
-        for start in range(0, x.shape[0], rows_per_call):
-            chunk = x[start : start + rows_per_call]
-            expanded = chunk.repeat_interleave(samples, dim=0)
-            parts.append(module(expanded).view(chunk.shape[0], samples, -1))
-    return torch.cat(parts)
-
-
 def _score_regression(
-    samples: Tensor,
+    module: nn.Module,
+    x: Tensor,
     y: Tensor,
     y_mean: Tensor,
     y_std: Tensor,
-    tau: float,
-    heteroscedastic: bool,
+    config: TrainConfig,
 ) -> dict[str, float]:
-    """RMSE of the MC mean and mean MC-mixture log-likelihood, in raw target units."""
-    n_outputs = y.shape[1]
-    samples = samples.double()
-    means = samples[..., :n_outputs] * y_std + y_mean
-    precision: float | Tensor = tau
-    if heteroscedastic:
-        precision = 1.0 / (torch.exp(samples[..., n_outputs:]) * y_std.square())
-    per_row = scoring.mc_mixture_log_likelihood(means, y, precision)
+    """RMSE of the MC mean and mean MC-mixture log-likelihood of rows x [B, F], raw units."""
+    engine = MCEngine(
+        module,
+        task="regression",
+        input_shape=tuple(x.shape[1:]),
+        heteroscedastic=config.heteroscedastic,
+        tau=None if config.heteroscedastic else config.tau,
+        device="cpu",
+        output_scale=y_std,
+        output_shift=y_mean,
+    )
+    options = MCOptions(samples=config.validation_samples, seed=config.seed)
+    summary = engine.run(x, options, targets=y)
+    assert isinstance(summary, RegressionSummary)
+    assert summary.log_likelihood is not None
     return {
-        "rmse": scoring.rmse(means.mean(dim=1), y),
-        "log_likelihood": scoring.mean_log_likelihood(per_row),
+        "rmse": scoring.rmse(summary.mean, y),
+        "log_likelihood": scoring.mean_log_likelihood(summary.log_likelihood),
     }
 
 
-# --- model folders ------------------------------------------------------------------------
-
-
-def write_model_folder(
-    folder: Path,
-    name: str,
-    trained: TrainedModel,
-    *,
-    task: Literal["regression", "classification"] | None = None,
-    input_shape: Sequence[int],
-    output_names: Sequence[str],
-    architecture: str | None = None,
-    config: Mapping[str, Any] | None = None,
-    input_names: Sequence[str] | None = None,
-    description: str = "",
-    version: str = "1",
-    mc: Mapping[str, Any] | None = None,
-    runtime: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a complete built-in model folder (model.toml + weights.safetensors); returns it.
-
-    architecture/config default to what the trainer recorded (the MLP's constructor kwargs);
-    mc overrides the written MC section (default_samples 100, tau for a homoscedastic
-    regressor). Both files are first written to a staging folder beside it and read back
-    through load_manifest and load_module; only when that reproduces the trained weights bit
-    for bit do they replace the folder's files, so a folder that would not serve is never left.
-    """
-    folder = Path(folder)
-    regression = isinstance(trained.config, TrainConfig)
-    task = task or ("regression" if regression else "classification")
-    architecture = architecture or trained.architecture
-    if architecture is None:
-        raise ValueError("architecture: the trainer recorded none; pass 'mlp' or 'cnn'")
-    arch_config = dict(config if config is not None else trained.architecture_config)
-    heteroscedastic = isinstance(trained.config, TrainConfig) and trained.config.heteroscedastic
-
-    normalization: dict[str, Any] = {
-        "input_mean": trained.input_mean.tolist(),
-        "input_std": trained.input_std.tolist(),
+def _score_classification(
+    module: nn.Module, x: Tensor, labels: Tensor, samples: int, seed: int
+) -> dict[str, float]:
+    """Accuracy and NLL of the MC-averaged class probabilities of rows x [B, *shape]."""
+    engine = MCEngine(module, task="classification", input_shape=tuple(x.shape[1:]), device="cpu")
+    summary = engine.run(x, MCOptions(samples=samples, seed=seed))
+    assert isinstance(summary, ClassificationSummary)
+    return {
+        "accuracy": scoring.accuracy(summary.probabilities, labels),
+        "nll": scoring.nll(summary.probabilities, labels),
     }
-    if trained.target_mean is not None and trained.target_std is not None:
-        normalization["target_mean"] = trained.target_mean.tolist()
-        normalization["target_std"] = trained.target_std.tolist()
-    mc_section: dict[str, Any] = {"default_samples": 100}
-    if isinstance(trained.config, TrainConfig) and not heteroscedastic:
-        mc_section["tau"] = trained.config.tau
-    mc_section.update(mc or {})
-    input_section: dict[str, Any] = {"shape": list(input_shape), "dtype": "float32"}
-    if input_names is not None:
-        input_section["names"] = list(input_names)
-    document: dict[str, Any] = {
-        "name": name,
-        "version": version,
-        "task": task,
-        "description": description,
-        "input": input_section,
-        "output": {"names": list(output_names), "heteroscedastic": heteroscedastic},
-        "model": {
-            "format": "builtin",
-            "architecture": architecture,
-            "weights": "weights.safetensors",
-            "config": arch_config,
-        },
-        "normalization": normalization,
-        "mc": mc_section,
-        "runtime": dict(runtime or {}),
-    }
-    spec = ModelSpec.model_validate(document)
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        save_weights(trained.module, staging / spec.model.weights)
-        (staging / MANIFEST_NAME).write_text(dumps_toml(document), encoding="utf-8")
-        rebuilt = load_module(load_manifest(staging / MANIFEST_NAME), staging)
-        expected = trained.module.state_dict()
-        for key, value in rebuilt.state_dict().items():
-            if not torch.equal(value, expected[key].detach().to("cpu", value.dtype)):
-                raise ValueError(f"{folder}: weights {key!r} did not round-trip through the folder")
-        folder.mkdir(exist_ok=True)
-        os.replace(staging / spec.model.weights, folder / spec.model.weights)
-        os.replace(staging / MANIFEST_NAME, folder / MANIFEST_NAME)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-# --- a small TOML writer (tomllib only reads) ---------------------------------------------
-
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-_ESCAPES = {
-    '"': '\\"',
-    "\\": "\\\\",
-    "\b": "\\b",
-    "\t": "\\t",
-    "\n": "\\n",
-    "\f": "\\f",
-    "\r": "\\r",
-}
-
-
-def dumps_toml(document: Mapping[str, Any]) -> str:
-    """Serialise a mapping to TOML: str, int, float, bool, lists, nested tables; None skipped.
-
-    Nested mappings become [section] tables; mappings inside lists become inline tables.
-    """
-    lines: list[str] = []
-    _write_table(document, [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _write_table(table: Mapping[str, Any], path: list[str], lines: list[str]) -> None:
-    if path:
-        lines.append("")
-        lines.append("[" + ".".join(_key(part) for part in path) + "]")
-    subtables = []
-    for key, value in table.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping):
-            subtables.append((key, value))
-        else:
-            lines.append(f"{_key(key)} = {_value(value)}")
-    for key, value in subtables:
-        _write_table(value, [*path, key], lines)
-
-
-def _key(key: object) -> str:
-    if not isinstance(key, str):
-        raise TypeError(f"TOML keys must be strings, got {key!r}")
-    return key if _BARE_KEY.match(key) else _string(key)
-
-
-def _string(text: str) -> str:
-    out = []
-    for char in text:
-        if char in _ESCAPES:
-            out.append(_ESCAPES[char])
-        elif ord(char) < 0x20 or ord(char) == 0x7F:
-            out.append(f"\\u{ord(char):04X}")
-        else:
-            out.append(char)
-    return '"' + "".join(out) + '"'
-
-
-def _value(value: Any) -> str:
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _string(value)
-    if isinstance(value, Mapping):
-        items = (f"{_key(k)} = {_value(v)}" for k, v in value.items() if v is not None)
-        return "{" + ", ".join(items) + "}"
-    if isinstance(value, list | tuple):
-        if any(item is None for item in value):
-            raise TypeError("TOML arrays cannot hold None")
-        return "[" + ", ".join(_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as TOML")

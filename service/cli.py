@@ -1,0 +1,458 @@
+"""The `mcdrop` command line: train, evaluate, predict, models, demo.
+
+Settings come from MCDROP_* environment variables (service.config) with flags winning.
+User errors print one line to stderr and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from torch import Tensor
+
+from service.config import Settings
+from service.errors import InvalidInput, ModelNotFound, ServiceError
+from service.evaluation import ClassificationMetrics, EvaluationReport, evaluate
+from service.manifest import MANIFEST_NAME
+from service.model import ServedModel
+from service.repository import scan_repository
+from service.tables import load_table, parse_columns, read_table, select_columns
+from service.uncertainty import RegressionSummary, Summary
+
+USER_ERRORS = (ServiceError, OSError, ValueError)  # ValueError: pydantic, JSON, training
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except USER_ERRORS as exc:
+        print(f"mcdrop: error: {describe_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mcdrop: interrupted", file=sys.stderr)
+        return 130
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a user error (pydantic's multi-line reports joined field by field)."""
+    if isinstance(exc, ValidationError):
+        text = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or exc.title}: {e['msg']}" for e in exc.errors()
+        )
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def _samples(text: str) -> int | Literal["auto"]:
+    if text == "auto":
+        return "auto"
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree; each subcommand stores its handler in `handler`."""
+    parser = argparse.ArgumentParser(prog="mcdrop", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def repository(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--model-repository", type=Path, help="default: $MCDROP_MODEL_REPOSITORY or ./models"
+        )
+        p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="overrides manifests")
+
+    def sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--samples", type=_samples, help="MC samples per row, or 'auto'")
+        p.add_argument("--seed", type=int, help="seed for reproducible masks")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    train = sub.add_parser("train", help="train a dropout MLP regressor from a table")
+    train.add_argument("--data", type=Path, required=True, help="CSV or whitespace table")
+    train.add_argument("--features", required=True, help="columns, e.g. '0-7' or '0,2,5'")
+    train.add_argument("--target", required=True, help="target column(s), e.g. '-1'")
+    train.add_argument("--out", type=Path, required=True, help="model folder to write")
+    train.add_argument("--name", help="model name (default: the folder's name)")
+    train.add_argument("--hidden", type=int, nargs="+", default=[50], help="layer widths")
+    train.add_argument("--dropout", type=float, default=0.05, help="on inputs and hidden layers")
+    train.add_argument("--input-dropout", type=float, help="on the inputs (default: --dropout)")
+    train.add_argument("--tau", type=float, help="model precision in target units (1/noise var)")
+    train.add_argument("--lengthscale", type=float, default=1e-2, help="prior length-scale")
+    train.add_argument("--epochs", type=int, default=400)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    train.add_argument("--heteroscedastic", action="store_true", help="also predict the noise")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--validation-fraction", type=float, default=0.0)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score a model on a held-out table")
+    ev.add_argument("model", help="model folder, or a model name in the repository")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--features", required=True)
+    ev.add_argument("--target", required=True, help="targets (class indices for classifiers)")
+    repository(ev)
+    sampling(ev)
+    ev.set_defaults(handler=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="MC predictions with uncertainty for some rows")
+    pr.add_argument("model", help="model folder, or a model name in the repository")
+    rows = pr.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--rows", help="JSON: one row, or a list of rows")
+    rows.add_argument("--file", type=Path, help="a .json file of rows, or a numeric table")
+    repository(pr)
+    sampling(pr)
+    pr.add_argument("--mask-mode", choices=["independent", "shared"])
+    pr.add_argument("--interval", type=float, nargs="+", default=[0.95], help="levels")
+    pr.add_argument("--return-samples", type=int, default=0, metavar="K")
+    pr.set_defaults(handler=cmd_predict)
+
+    models = sub.add_parser("models", help="list the model repository")
+    repository(models)
+    models.set_defaults(handler=cmd_models)
+
+    demo = sub.add_parser("demo", help="show uncertainty on the shipped demo models")
+    repository(demo)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given winning."""
+    flags = {"model_repository": args.model_repository, "device": args.device}
+    return Settings(**{k: v for k, v in flags.items() if v is not None})
+
+
+def resolve_model(model: str, settings: Settings) -> ServedModel:
+    """Load MODEL: a folder holding model.toml, else a model name in the repository."""
+    for folder in (Path(model), settings.model_repository / model):
+        if (folder / MANIFEST_NAME).is_file():
+            return ServedModel.load(folder, settings)
+    repo = settings.model_repository
+    known = sorted(scan_repository(repo).models) if repo.is_dir() else []
+    listed = ", ".join(known) or ("no models" if repo.is_dir() else "no such folder")
+    raise ModelNotFound(f"model {model!r}: not a model folder, nor a model in {repo} ({listed})")
+
+
+# --- train --------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from service.export import write_model_folder
+    from service.training import TrainConfig, train_regressor
+
+    table = load_table(args.data)
+    x, y = select_columns(table.values, args.features, args.target)
+    tau = args.tau
+    if tau is None:
+        if not args.heteroscedastic:
+            raise InvalidInput(
+                "--tau is required (the model precision, 1 / noise variance in "
+                "target units), unless --heteroscedastic"
+            )
+        tau = 1.0 / (0.01 * float(np.var(y, axis=0).mean()) or 1.0)  # noise std 10% of y's
+    config = TrainConfig(
+        tau=tau,
+        hidden=args.hidden,
+        dropout=args.dropout,
+        input_dropout=args.input_dropout,
+        lengthscale=args.lengthscale,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        heteroscedastic=args.heteroscedastic,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+    )
+    trained = train_regressor(x, y, config, progress=not args.no_progress)
+    names = table.names
+    features = parse_columns(args.features, table.values.shape[1])
+    targets = parse_columns(args.target, table.values.shape[1])
+    name = args.name or args.out.resolve().name
+    folder = write_model_folder(
+        args.out,
+        name,
+        trained,
+        task="regression",
+        input_shape=[x.shape[1]],
+        output_names=[names[c] for c in targets] if names else [f"y{c}" for c in targets],
+        input_names=[names[c] for c in features] if names else None,
+        description=f"Trained by `mcdrop train` on {args.data.name} ({len(x)} rows).",
+    )
+    print(f"wrote model {name!r} to {folder}")
+    print(
+        f"  {len(x)} rows, {x.shape[1]} features -> {y.shape[1]} target(s); hidden "
+        f"{args.hidden}, dropout {args.dropout}, tau {tau:.4g}, {args.epochs} epochs; "
+        f"final loss {trained.history[-1]['loss']:.4g}"
+    )
+    if trained.validation:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in trained.validation.items())
+        print(f"  validation ({config.validation_samples} MC samples): {scores}")
+    return 0
+
+
+# --- evaluate -----------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model, settings_from(args))
+    x, y = select_columns(read_table(args.data), args.features, args.target)
+    report = evaluate(
+        model, torch.from_numpy(x), torch.from_numpy(y), model.options(args.samples, seed=args.seed)
+    )
+    print(json.dumps(report.as_dict(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+def format_report(report: EvaluationReport) -> str:
+    """The evaluation report as a few aligned lines."""
+    m = report.metrics
+    head = (
+        f"{report.model} v{report.version} ({report.task}): {report.rows} rows, "
+        f"{report.samples} MC samples, seed {report.seed}"
+    )
+    if isinstance(m, ClassificationMetrics):
+        lines = [
+            ("accuracy", m.accuracy),
+            ("NLL", m.nll),
+            ("Brier score", m.brier),
+            ("ECE (15 bins)", m.ece),
+            ("mean entropy", m.mean_entropy),
+            ("mean mutual information", m.mean_mutual_information),
+        ]
+        return "\n".join([head] + [f"  {k:<26}{v:.4f}" for k, v in lines])
+    loglik = (
+        f"{m.log_likelihood:.4f}"
+        if m.log_likelihood is not None
+        else (f"n/a ({m.log_likelihood_note})")
+    )
+    return "\n".join(
+        [
+            head,
+            f"  {'RMSE':<26}{m.rmse:.4f}",
+            f"  {'test log-likelihood':<26}{loglik}",
+            f"  {'95% coverage (Gaussian)':<26}{m.coverage_gaussian_95:.3f}",
+            f"  {'95% coverage (empirical)':<26}{m.coverage_empirical_95:.3f}",
+            f"  {'mean predictive std':<26}{m.mean_std:.4f} (epistemic {m.mean_epistemic_std:.4f}, "
+            f"aleatoric {m.mean_aleatoric_std:.4f})",
+        ]
+    )
+
+
+# --- predict ------------------------------------------------------------------------------
+
+
+def read_rows(model: ServedModel, rows: str | None, file: Path | None) -> Tensor:
+    """Raw rows [B, *input.shape] from JSON text, a .json file or a numeric table file."""
+    if file is not None and file.suffix.lower() != ".json":
+        values = torch.from_numpy(read_table(file))
+    else:
+        source = "--rows" if file is None else str(file)
+        text = rows if file is None else file.read_text(encoding="utf-8")
+        try:
+            values = torch.tensor(json.loads(text or ""), dtype=torch.float64)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{source}: not valid JSON: {exc}") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InvalidInput(
+                f"{source}: expected a row or a list of rows of numbers of equal length ({exc})"
+            ) from exc
+    shape = tuple(model.spec.input.shape)
+    if tuple(values.shape) == shape or (values.dim() == 1 and len(values) == math.prod(shape)):
+        return values.reshape(1, *shape)  # one row
+    if values.dim() == 2 and len(shape) > 1 and values.shape[1] == math.prod(shape):
+        return values.reshape(len(values), *shape)  # flat rows of an image model
+    return values
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = resolve_model(args.model, settings_from(args))
+    options = model.options(
+        args.samples,
+        seed=args.seed,
+        mask_mode=args.mask_mode,
+        interval_levels=tuple(args.interval),
+        return_samples=args.return_samples,
+    )
+    summary = model.predict(read_rows(model, args.rows, args.file), options)
+    if args.json:
+        document = {
+            "model": model.spec.name,
+            "version": model.spec.version,
+            "task": model.spec.task,
+            "mask_mode": options.mask_mode,
+            **summary_to_json(model, summary),
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_summary(model, summary, options.mask_mode))
+    return 0
+
+
+def _floats(t: Tensor) -> list[Any]:
+    return t.detach().cpu().double().tolist()
+
+
+def summary_to_json(model: ServedModel, summary: Summary) -> dict[str, Any]:
+    """A summary as JSON-ready data: samples_used, seed and one object per row."""
+    names = model.spec.output.names
+    rows: list[dict[str, Any]] = []
+    if isinstance(summary, RegressionSummary):
+        for r in range(len(summary.mean)):
+            outputs = {}
+            for d, name in enumerate(names):
+                out: dict[str, Any] = {
+                    k: float(getattr(summary, k)[r, d])
+                    for k in ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
+                }
+                out["intervals"] = {
+                    str(level): {
+                        "gaussian": [float(i.lower[r, d]), float(i.upper[r, d])],
+                        "empirical": [float(e.lower[r, d]), float(e.upper[r, d])]
+                        if (e := summary.empirical_intervals.get(level))
+                        else None,
+                    }
+                    for level, i in summary.gaussian_intervals.items()
+                }
+                if summary.samples is not None:
+                    out["samples"] = _floats(summary.samples[r, :, d])
+                outputs[name] = out
+            rows.append(outputs)
+    else:
+        for r in range(len(summary.probabilities)):
+            row: dict[str, Any] = {
+                "predicted": names[int(summary.predicted_class[r])],
+                "probabilities": dict(zip(names, _floats(summary.probabilities[r]), strict=True)),
+                "probabilities_std": dict(
+                    zip(names, _floats(summary.probabilities_std[r]), strict=True)
+                ),
+            }
+            for key in ("entropy", "expected_entropy", "mutual_information", "variation_ratio"):
+                row[key] = float(getattr(summary, key)[r])
+            if summary.samples is not None:
+                row["samples"] = _floats(summary.samples[r])
+            rows.append(row)
+    return {"samples_used": summary.samples_used, "seed": summary.seed, "rows": rows}
+
+
+def format_summary(model: ServedModel, summary: Summary, mask_mode: str) -> str:
+    """A readable table of a summary, one line per row (and output), with a short legend."""
+    spec = model.spec
+    lines = [
+        f"{spec.name} v{spec.version} ({spec.task}): {summary.samples_used} MC samples, "
+        f"seed {summary.seed}, {mask_mode} masks"
+    ]
+    if isinstance(summary, RegressionSummary):
+        levels = sorted(summary.gaussian_intervals)
+        head = ["row", "output", "mean", "std", "epistemic", "aleatoric"]
+        table = [head + [f"{level:.0%} interval" for level in levels]]
+        for r in range(len(summary.mean)):
+            for d, name in enumerate(spec.output.names):
+                cells = [str(r), name] + [
+                    f"{float(v[r, d]):.4g}"
+                    for v in (
+                        summary.mean,
+                        summary.std,
+                        summary.epistemic_variance.sqrt(),
+                        summary.aleatoric_variance.sqrt(),
+                    )
+                ]
+                for level in levels:
+                    i = summary.gaussian_intervals[level]
+                    cells.append(f"[{float(i.lower[r, d]):.4g}, {float(i.upper[r, d]):.4g}]")
+                table.append(cells)
+        legend = (
+            "std: total predictive std = sqrt(epistemic^2 + aleatoric^2); epistemic: "
+            "spread of the dropout samples (model uncertainty); aleatoric: noise; "
+            "intervals are Gaussian (--json adds empirical ones)"
+        )
+    else:
+        table = [["row", "class", "probability", "entropy", "mutual_info", "variation_ratio"]]
+        for r in range(len(summary.probabilities)):
+            k = int(summary.predicted_class[r])
+            table.append(
+                [str(r), spec.output.names[k], f"{float(summary.probabilities[r, k]):.3f}"]
+                + [
+                    f"{float(getattr(summary, key)[r]):.3f}"
+                    for key in ("entropy", "mutual_information", "variation_ratio")
+                ]
+            )
+        legend = (
+            "entropy: total uncertainty (nats); mutual_info: the part due to the model "
+            "(dropout samples disagree); variation_ratio: share of samples not voting "
+            "for the top class"
+        )
+    lines += render_table(table)
+    if summary.samples is not None:
+        lines += [
+            f"row {r} samples: " + ", ".join(f"{v:.4g}" for v in _flat(summary.samples[r]))
+            for r in range(len(summary.samples))
+        ]
+    return "\n".join([*lines, legend])
+
+
+def _flat(t: Tensor) -> list[float]:
+    return [float(v) for v in t.reshape(-1)]
+
+
+def render_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns separated by two spaces."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+# --- models and demo ----------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    scan = scan_repository(settings.model_repository)
+    table = [["name", "version", "task", "input", "stochastic sites"]]
+    errors = dict(scan.errors)
+    for name, (spec, folder) in scan.models.items():
+        try:
+            sites = ServedModel.load(folder, settings).engine.sites
+        except ServiceError as exc:
+            errors[name] = str(exc)
+            continue
+        listed = ", ".join(f"{s.name} ({s.kind}, p={s.p:g})" for s in sites)
+        table.append([name, spec.version, spec.task, str(spec.input.shape), listed])
+    print(
+        f"{settings.model_repository}: {len(table) - 1} model(s)"
+        + (f", {len(errors)} broken" if errors else "")
+    )
+    if len(table) > 1:
+        print("\n".join(render_table(table)))
+    for name, message in sorted(errors.items()):
+        print(f"{name}  BROKEN: {' '.join(message.split())}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from service.demo_models import demo_text
+
+    print(demo_text(settings_from(args)))
+    return 0
