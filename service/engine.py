@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,16 +18,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from service.accumulators import Accumulators, OutputHead
 from service.sampling import RowKeys, SamplingContext, Site
-from service.stochastic import SampleSelection, prepare
-from service.streaming import BLOCK, StreamingLogMeanExp, StreamingMoments, round_up
+from service.sites import SampleSelection
+from service.stochastic import prepare
+from service.streaming import BLOCK, round_up
 from service.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
-    classification_features,
-    empirical_intervals,
-    gaussian_intervals,
-    summarize_classification,
     validate_levels,
 )
 
@@ -36,7 +33,6 @@ log = logging.getLogger(__name__)
 
 Task = Literal["regression", "classification"]
 MaskMode = Literal["independent", "shared"]
-QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
 AUTO_FIRST_ROUND = 64
 
 
@@ -117,9 +113,6 @@ class MCEngine:
     ) -> None:
         if task == "classification" and heteroscedastic:
             raise ValueError("a heteroscedastic head applies only to regression")
-        self.task = task
-        self.heteroscedastic = heteroscedastic
-        self.tau = tau
         self.device = resolve_device(device)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -130,8 +123,13 @@ class MCEngine:
         self.chunk_elements = chunk_elements
         module = module.to(self.device, self.dtype).eval()
         self.program = prepare(module, self.input_shape, sample, self.dtype)
-        self.scale = None if output_scale is None else output_scale.to(self.device, torch.float64)
-        self.shift = None if output_shift is None else output_shift.to(self.device, torch.float64)
+        self.head = OutputHead(
+            task,
+            heteroscedastic,
+            tau,
+            None if output_scale is None else output_scale.to(self.device, torch.float64),
+            None if output_shift is None else output_shift.to(self.device, torch.float64),
+        )
         if compile:
             self._compile()
 
@@ -197,9 +195,9 @@ class MCEngine:
             )
         if request.targets is None:
             return
-        if self.task != "regression":
+        if self.head.task != "regression":
             raise ValueError("targets are only used for regression log-likelihood")
-        if self.tau is None and not self.heteroscedastic:
+        if self.head.tau is None and not self.head.heteroscedastic:
             raise ValueError("log-likelihood needs tau in the manifest or a heteroscedastic head")
         if request.targets.shape[0] != x.shape[0] or request.targets.dim() != 2:
             got = list(request.targets.shape)
@@ -219,7 +217,9 @@ class MCEngine:
                 torch.arange(len(xs)), torch.tensor(sizes)),
         )  # fmt: skip
         first = opts[0]
-        acc = _Accumulators(self, rows, first, max(o.return_samples for o in opts), targets)
+        max_samples = first.max_samples if first.samples == "auto" else first.samples
+        returned = max(o.return_samples for o in opts)
+        acc = Accumulators(self.head, rows, max_samples, returned, targets, self.device)
         done = 0
         for round_end in self._rounds(first):
             for rows_slice, start, count in self._chunks(rows, done, round_end):
@@ -235,8 +235,11 @@ class MCEngine:
             if first.samples == "auto" and acc.converged(first.tolerance):
                 break
         offsets = [0, *itertools.accumulate(sizes)]
-        return [acc.summary(slice(offsets[i], offsets[i + 1]), done, seeds[i], opts[i])
-                for i in range(len(xs))]  # fmt: skip
+        return [
+            acc.summary(slice(offsets[i], offsets[i + 1]), done, seeds[i],
+                        validate_levels(o.interval_levels), o.return_samples)
+            for i, o in enumerate(opts)
+        ]  # fmt: skip
 
     def _prefix(self, xs: list[Tensor]) -> list[Any]:
         """Prefix once per row, each request padded to a multiple of 8 rows and aligned.
@@ -297,116 +300,3 @@ def _rows_of(boundary: list[Any], batched: Sequence[bool], rows: slice) -> list[
 def _slice_keys(keys: RowKeys, rows: slice) -> RowKeys:
     index = None if keys.shared_index is None else keys.shared_index[rows]
     return RowKeys(keys.seeds[rows], keys.rows[rows], keys.shared_seeds, index)
-
-
-class _Accumulators:
-    """Per-run streaming state: moments of per-sample features, kept samples, log-likelihood."""
-
-    def __init__(
-        self, engine: MCEngine, rows: int, opts: MCOptions, returned: int, targets: Tensor | None
-    ) -> None:
-        self.engine = engine
-        n_total = opts.max_samples if opts.samples == "auto" else opts.samples
-        quantiles = QUANTILE_SAMPLES if engine.task == "regression" else 0
-        self.keep = min(n_total, max(returned, quantiles))
-        self.kept: Tensor | None = None
-        self.kept_aleatoric: Tensor | None = None
-        self.moments: StreamingMoments | None = None
-        self.rows = rows
-        self.targets = None if targets is None else targets.to(engine.device, torch.float64)
-        self.loglik = StreamingLogMeanExp(rows, engine.device) if targets is not None else None
-
-    def _features(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Per-sample features [R, S, F] and, for regression, per-sample variance or None."""
-        out = out.to(torch.float64)
-        eng = self.engine
-        if eng.task == "classification":
-            return classification_features(out), None
-        d = out.shape[-1] // 2 if eng.heteroscedastic else out.shape[-1]
-        mean = out[..., :d]
-        var = out[..., d:].exp() if eng.heteroscedastic else None
-        if eng.scale is not None:
-            mean = mean * eng.scale
-            var = None if var is None else var * eng.scale**2
-        if eng.shift is not None:
-            mean = mean + eng.shift
-        return (mean if var is None else torch.cat([mean, var], -1)), var
-
-    def update(self, rows: slice, first: int, out: Tensor, total: int) -> None:
-        feats, var = self._features(out)
-        if self.moments is None:
-            self.moments = StreamingMoments(self.rows, feats.shape[-1], feats.device)
-        self.moments.update(rows, first, feats, total)
-        if self.keep and first < self.keep:
-            self._keep_samples(rows, first, feats, var)
-        if self.loglik is not None and self.targets is not None:
-            d = self.targets.shape[-1]
-            mu = feats[..., :d]
-            var_t = (
-                var if var is not None else torch.full_like(mu, 1.0 / float(self.engine.tau or 1))
-            )
-            y = self.targets[rows].unsqueeze(1)
-            ll = (-0.5 * (torch.log(2 * math.pi * var_t) + (y - mu) ** 2 / var_t)).sum(-1)
-            self.loglik.update(rows, first, ll, total)
-
-    def _keep_samples(self, rows: slice, first: int, feats: Tensor, var: Tensor | None) -> None:
-        if self.kept is None:
-            self.kept = feats.new_zeros((self.rows, self.keep, feats.shape[-1]))
-            if var is not None:
-                self.kept_aleatoric = feats.new_zeros((self.rows, self.keep, var.shape[-1]))
-        take = min(self.keep - first, feats.shape[1])
-        self.kept[rows, first : first + take] = feats[:, :take]
-        if var is not None and self.kept_aleatoric is not None:
-            self.kept_aleatoric[rows, first : first + take] = var[:, :take]
-
-    def converged(self, tolerance: float) -> bool:
-        """Every standard error (of each regression mean, or of the top-class probability) small."""
-        assert self.moments is not None
-        n = self.moments.count.unsqueeze(1).to(torch.float64)
-        se = (self.moments.variance / n).sqrt()
-        if self.engine.task == "regression":
-            d = se.shape[1] // 2 if self.engine.heteroscedastic else se.shape[1]
-            return bool((se[:, :d] <= tolerance).all())
-        classes = (se.shape[1] - 1) // 2
-        top = self.moments.mean[:, :classes].argmax(dim=1, keepdim=True)
-        return bool((se[:, :classes].gather(1, top) <= tolerance).all())
-
-    def summary(
-        self, rows: slice, n: int, seed: int, opts: MCOptions
-    ) -> RegressionSummary | ClassificationSummary:
-        """The summary of one request's rows after n samples."""
-        assert self.moments is not None
-        mean, var = self.moments.mean[rows], self.moments.variance[rows]
-        kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
-        returned = (
-            None if kept is None or not opts.return_samples else kept[:, : opts.return_samples]
-        )
-        levels = validate_levels(opts.interval_levels)
-        if self.engine.task == "classification":
-            return summarize_classification(mean, var, n, seed, returned)
-        eng = self.engine
-        d = mean.shape[1] // 2 if eng.heteroscedastic else mean.shape[1]
-        if eng.heteroscedastic:
-            aleatoric = mean[:, d:]
-        elif eng.tau is not None:
-            aleatoric = torch.full_like(mean, 1.0 / eng.tau)
-        else:
-            aleatoric = torch.zeros_like(mean)
-        epistemic = var[:, :d]
-        total = epistemic + aleatoric
-        emp = {}
-        if kept is not None:
-            noise_std = (self.kept_aleatoric[rows, : kept.shape[1]].sqrt()
-                         if self.kept_aleatoric is not None else aleatoric.sqrt())  # fmt: skip
-            emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
-        return RegressionSummary(
-            mean=mean[:, :d],
-            epistemic_variance=epistemic,
-            aleatoric_variance=aleatoric,
-            samples_used=n,
-            seed=seed,
-            gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
-            empirical_intervals=emp,
-            samples=None if returned is None else returned[..., :d],
-            log_likelihood=None if self.loglik is None else self.loglik.value[rows],
-        )

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from service.errors import ModelLoadError
-from service.stochastic import SplitProgram, WholeProgram, prepare, select_sites
+from service.fallback import WholeProgram
+from service.sites import select_sites
+from service.split import SplitProgram
+from service.stochastic import prepare
 
 
 class FunctionalDropout(nn.Module):

@@ -1,0 +1,146 @@
+"""Per-run streaming state: per-sample features, their moments, kept samples, log-likelihood."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from service.streaming import StreamingLogMeanExp, StreamingMoments
+from service.uncertainty import (
+    ClassificationSummary,
+    RegressionSummary,
+    classification_features,
+    empirical_intervals,
+    gaussian_intervals,
+    summarize_classification,
+)
+
+QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """How a network's outputs become per-sample features, in raw target units."""
+
+    task: Literal["regression", "classification"]
+    heteroscedastic: bool = False  # regression: outputs are [means..., log-variances...]
+    tau: float | None = None  # regression: precision, aleatoric variance 1/tau
+    scale: Tensor | None = None  # regression: raw = output * scale + shift
+    shift: Tensor | None = None
+
+
+class Accumulators:
+    """Per-run streaming state: moments of per-sample features, kept samples, log-likelihood."""
+
+    def __init__(
+        self,
+        head: OutputHead,
+        rows: int,
+        max_samples: int,
+        returned: int,
+        targets: Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.head = head
+        quantiles = QUANTILE_SAMPLES if head.task == "regression" else 0
+        self.keep = min(max_samples, max(returned, quantiles))
+        self.kept: Tensor | None = None
+        self.kept_aleatoric: Tensor | None = None
+        self.moments: StreamingMoments | None = None
+        self.rows = rows
+        self.targets = None if targets is None else targets.to(device, torch.float64)
+        self.loglik = StreamingLogMeanExp(rows, device) if targets is not None else None
+
+    def _features(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Per-sample features [R, S, F] and, for regression, per-sample variance or None."""
+        out = out.to(torch.float64)
+        eng = self.head
+        if eng.task == "classification":
+            return classification_features(out), None
+        d = out.shape[-1] // 2 if eng.heteroscedastic else out.shape[-1]
+        mean = out[..., :d]
+        var = out[..., d:].exp() if eng.heteroscedastic else None
+        if eng.scale is not None:
+            mean = mean * eng.scale
+            var = None if var is None else var * eng.scale**2
+        if eng.shift is not None:
+            mean = mean + eng.shift
+        return (mean if var is None else torch.cat([mean, var], -1)), var
+
+    def update(self, rows: slice, first: int, out: Tensor, total: int) -> None:
+        feats, var = self._features(out)
+        if self.moments is None:
+            self.moments = StreamingMoments(self.rows, feats.shape[-1], feats.device)
+        self.moments.update(rows, first, feats, total)
+        if self.keep and first < self.keep:
+            self._keep_samples(rows, first, feats, var)
+        if self.loglik is not None and self.targets is not None:
+            d = self.targets.shape[-1]
+            mu = feats[..., :d]
+            var_t = var if var is not None else torch.full_like(mu, 1.0 / float(self.head.tau or 1))
+            y = self.targets[rows].unsqueeze(1)
+            ll = (-0.5 * (torch.log(2 * math.pi * var_t) + (y - mu) ** 2 / var_t)).sum(-1)
+            self.loglik.update(rows, first, ll, total)
+
+    def _keep_samples(self, rows: slice, first: int, feats: Tensor, var: Tensor | None) -> None:
+        if self.kept is None:
+            self.kept = feats.new_zeros((self.rows, self.keep, feats.shape[-1]))
+            if var is not None:
+                self.kept_aleatoric = feats.new_zeros((self.rows, self.keep, var.shape[-1]))
+        take = min(self.keep - first, feats.shape[1])
+        self.kept[rows, first : first + take] = feats[:, :take]
+        if var is not None and self.kept_aleatoric is not None:
+            self.kept_aleatoric[rows, first : first + take] = var[:, :take]
+
+    def converged(self, tolerance: float) -> bool:
+        """Every standard error (of each regression mean, or of the top-class probability) small."""
+        assert self.moments is not None
+        n = self.moments.count.unsqueeze(1).to(torch.float64)
+        se = (self.moments.variance / n).sqrt()
+        if self.head.task == "regression":
+            d = se.shape[1] // 2 if self.head.heteroscedastic else se.shape[1]
+            return bool((se[:, :d] <= tolerance).all())
+        classes = (se.shape[1] - 1) // 2
+        top = self.moments.mean[:, :classes].argmax(dim=1, keepdim=True)
+        return bool((se[:, :classes].gather(1, top) <= tolerance).all())
+
+    def summary(
+        self, rows: slice, n: int, seed: int, levels: tuple[float, ...], returned: int
+    ) -> RegressionSummary | ClassificationSummary:
+        """The summary of one request's rows after n samples."""
+        assert self.moments is not None
+        mean, var = self.moments.mean[rows], self.moments.variance[rows]
+        kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
+        samples = None if kept is None or not returned else kept[:, :returned]
+        if self.head.task == "classification":
+            return summarize_classification(mean, var, n, seed, samples)
+        eng = self.head
+        d = mean.shape[1] // 2 if eng.heteroscedastic else mean.shape[1]
+        if eng.heteroscedastic:
+            aleatoric = mean[:, d:]
+        elif eng.tau is not None:
+            aleatoric = torch.full_like(mean, 1.0 / eng.tau)
+        else:
+            aleatoric = torch.zeros_like(mean)
+        epistemic = var[:, :d]
+        total = epistemic + aleatoric
+        emp = {}
+        if kept is not None:
+            noise_std = (self.kept_aleatoric[rows, : kept.shape[1]].sqrt()
+                         if self.kept_aleatoric is not None else aleatoric.sqrt())  # fmt: skip
+            emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
+        return RegressionSummary(
+            mean=mean[:, :d],
+            epistemic_variance=epistemic,
+            aleatoric_variance=aleatoric,
+            samples_used=n,
+            seed=seed,
+            gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
+            empirical_intervals=emp,
+            samples=None if samples is None else samples[..., :d],
+            log_likelihood=None if self.loglik is None else self.loglik.value[rows],
+        )
