@@ -31,11 +31,17 @@ def time_call(fn: Callable[[], object]) -> float:
 
 
 def interleaved(
-    ways: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1
+    ways: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    before: Callable[[], object] | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Times in ms of each way, `repeats` each, run round-robin (start rotated each repeat).
 
-    `warmup` untimed rounds come first (allocator, kernel selection, thread pools).
+    `warmup` untimed rounds come first (allocator, kernel selection, thread pools);
+    `before`, when given, runs untimed before every timed call (to set the scene). With
+    `budget_s`, no new round starts once that much time has passed (at least 3 rounds run).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -44,10 +50,15 @@ def interleaved(
         for name in names:
             ways[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
     for r in range(repeats):
+        if budget_s is not None and r >= 3 and time.perf_counter() - start > budget_s:
+            break
         gc.collect()
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            if before is not None:
+                before()
             times[name].append(time_call(ways[name]))
     return times
 
@@ -76,6 +87,21 @@ def summarize(times: Sequence[float]) -> Stats:
     else:
         iqr = max(times) - min(times)
     return Stats(median, min(times), iqr / median if median > 0 else 0.0)
+
+
+def repeated(fn: Callable[[], object], times: int) -> Callable[[], None]:
+    """fn called `times` times in a row: lifts sub-millisecond calls above timer noise."""
+
+    def run() -> None:
+        for _ in range(times):
+            fn()
+
+    return run
+
+
+def noisy(spreads: Sequence[float], limit: float = 0.25) -> bool:
+    """True when any way's interquartile range exceeds `limit` of its median."""
+    return any(s > limit for s in spreads)
 
 
 def set_threads(threads: int | None) -> None:

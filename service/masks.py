@@ -8,9 +8,7 @@ else shares its batch, and no global RNG state is touched.
 
 from __future__ import annotations
 
-import functools
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -18,7 +16,6 @@ from torch import Tensor
 
 _UINT16_PER_COUNTER = 16  # Philox4x64: one counter step yields 4 x 64 random bits
 _ROW_BITS = 40
-_PARALLEL_ELEMENTS = 1 << 18
 
 
 def quantized_drop_probability(p: float) -> float:
@@ -61,31 +58,17 @@ def keep_mask(
 
     Boolean, or with `scale` float32 holding 0 or `scale` (the inverted-dropout factor
     folded in, so applying it is one multiply). Row i uses key (seeds[i], site, rows[i]);
-    shared-mask mode passes one key per request. Large masks are drawn by two threads
-    (numpy releases the GIL while it draws).
+    shared-mask mode passes one key per request.
     """
     elems = math.prod(elem_shape)
     threshold = drop_threshold(p)
     dtype = np.bool_ if scale is None else np.float32
     keep: np.ndarray = np.empty((len(rows), n_samples, elems), dtype=dtype)
 
-    def fill(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            bits = _row_bits(seeds[i], site, rows[i], first_sample, n_samples, elems)
-            np.greater_equal(bits, threshold, out=keep[i], casting="unsafe")
-            if scale is not None:
-                keep[i] *= scale
-
-    n = len(rows)
-    if n >= 2 and keep.size >= _PARALLEL_ELEMENTS:
-        half = n // 2
-        list(_pool().map(lambda bounds: fill(*bounds), [(0, half), (half, n)]))
-    else:
-        fill(0, n)
-    mask = torch.from_numpy(keep).view(n, n_samples, *elem_shape)
+    for i, (seed, row) in enumerate(zip(seeds, rows, strict=True)):
+        bits = _row_bits(seed, site, row, first_sample, n_samples, elems)
+        np.greater_equal(bits, threshold, out=keep[i], casting="unsafe")
+    if scale is not None:
+        keep *= scale
+    mask = torch.from_numpy(keep).view(len(rows), n_samples, *elem_shape)
     return mask if device.type == "cpu" else mask.to(device, non_blocking=True)
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="mcdrop-masks")

@@ -34,11 +34,18 @@ def test_rows_sites_and_seeds_draw_different_masks() -> None:
         assert not torch.equal(base, other)
 
 
-def test_parallel_and_serial_drawing_agree() -> None:
+def test_each_row_draws_from_its_own_key_alone() -> None:
     rows = list(range(16))
-    big = keep_mask([3] * 16, rows, 0, 0, 64, (512,), 0.1, CPU)  # above the threading size
+    together = keep_mask([3] * 16, rows, 0, 0, 64, (512,), 0.1, CPU)
     single = torch.stack([keep_mask([3], [r], 0, 0, 64, (512,), 0.1, CPU)[0] for r in rows])
-    assert torch.equal(big, single)
+    assert torch.equal(together, single)
+
+
+def test_scaled_masks_hold_zero_or_the_scale() -> None:
+    keep = keep_mask([4], [0], 1, 0, 32, (16,), 0.25, CPU)
+    scaled = keep_mask([4], [0], 1, 0, 32, (16,), 0.25, CPU, scale=4 / 3)
+    assert scaled.dtype == torch.float32
+    assert torch.equal(scaled, keep.float() * torch.tensor(4 / 3, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.25])
