@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from service.accumulators import Accumulators, OutputHead
 from service.sampling import RowKeys, SamplingContext, Site
 from service.sites import SampleSelection
+from service.split import SplitProgram
 from service.stochastic import prepare
 from service.streaming import BLOCK, round_up
 from service.uncertainty import (
@@ -139,10 +140,13 @@ class MCEngine:
         return self.program.sites
 
     def _compile(self) -> None:
-        """torch.compile the deterministic prefix and warm it (and the suffix) up at load."""
-        prefix = getattr(self.program, "prefix", None)
-        if prefix is not None:
-            self.program.prefix = torch.compile(prefix, dynamic=True)  # type: ignore[union-attr]
+        """torch.compile the prefix and suffix (masks stay eager) and warm them up at load."""
+        program = self.program
+        if isinstance(program, SplitProgram):
+            program.prefix = torch.compile(program.prefix, dynamic=True)
+            program.suffix = torch.compile(program.suffix, dynamic=True)
+        else:
+            program.module = torch.compile(program.module, dynamic=True)
         warm = torch.zeros((2, *self.input_shape), dtype=self.dtype, device=self.device)
         self.run(warm, MCOptions(samples=BLOCK, seed=0))
 

@@ -6,6 +6,7 @@ their training flag, so these models too stay in eval mode and draw keyed masks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ class WholeProgram:
     (whatever their training flag), so the model stays in eval mode here too.
     """
 
-    module: nn.Module
+    module: Callable[..., Any]
     sites: list[Site]
     selected: set[int]
     n_calls: int  # dropout calls per forward, as probed at load

@@ -65,6 +65,7 @@ class SamplingContext:
         rest = value.shape[1:]
         return value.unsqueeze(1).expand(self.n_rows, self.samples, *rest).reshape(-1, *rest)
 
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # masks come from numpy
     def keep(
         self, site: int, elem_shape: tuple[int, ...], p: float, scale: float | None = None
     ) -> Tensor:

@@ -8,6 +8,7 @@ suffix needs are recomputed there from the expanded values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,8 +77,8 @@ def _closure(starts: list[fx.Node]) -> set[fx.Node]:
 class SplitProgram:
     """A traced model split at its first sampled op; see the module docstring."""
 
-    prefix: nn.Module  # x [B, *input] -> tuple of boundary values
-    suffix: nn.Module  # (*boundary values, ctx) -> outputs for R*S rows
+    prefix: Callable[..., Any]  # x [B, *input] -> tuple of boundary values (a GraphModule)
+    suffix: Callable[..., Any]  # (*boundary values, ctx) -> outputs for R*S rows
     batched: list[bool]  # boundary values with the batch in dim 0
     sites: list[Site]
     row_elements: int  # largest activation per (row, sample) in the suffix

@@ -342,7 +342,11 @@ def test_bad_options_and_devices_are_refused_with_the_field_named() -> None:
 
 @pytest.mark.slow
 def test_compiled_engine_matches_eager() -> None:
-    x = torch.randn(3, 5)
-    eager = _reg(_regression(_mlp(), (5,)).run(x, MCOptions(samples=32, seed=0)))
-    compiled = _reg(_regression(_mlp(), (5,), compile=True).run(x, MCOptions(samples=32, seed=0)))
-    torch.testing.assert_close(compiled.mean, eager.mean)
+    eager = _regression(_mlp(), (5,))
+    compiled = _regression(_mlp(), (5,), compile=True)
+    for rows, samples in [(3, 32), (9, 100)]:  # new shapes must not break the compiled graphs
+        x = torch.randn(rows, 5)
+        want = _reg(eager.run(x, MCOptions(samples=samples, seed=0)))
+        got = _reg(compiled.run(x, MCOptions(samples=samples, seed=0)))
+        torch.testing.assert_close(got.mean, want.mean)
+        torch.testing.assert_close(got.epistemic_variance, want.epistemic_variance)
