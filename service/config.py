@@ -22,3 +22,14 @@ class Settings(BaseSettings):
         1 << 24, ge=1024, description="largest activation (elements) one forward chunk may hold"
     )
     compile: bool | None = Field(None, description="overrides every manifest's compile flag")
+
+    host: str = Field("127.0.0.1", description="address the HTTP server binds")
+    port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+    max_body_bytes: int = Field(16 << 20, ge=1024, description="largest request body accepted")
+    queue_size: int = Field(256, ge=1, description="requests waiting per model before 503")
+    max_batch_rows: int | None = Field(None, ge=1, description="overrides the manifests' value")
+    max_batch_delay_ms: float | None = Field(None, ge=0, description="overrides the manifests'")
+    poll_interval_s: float = Field(0.0, ge=0, description="rescan the repository; 0 = never")
+    control_token: str | None = Field(None, description="bearer token for repository control")
+    inference_token: str | None = Field(None, description="bearer token for inference")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")

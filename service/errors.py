@@ -43,3 +43,15 @@ class ModelLoadError(ServiceError):
     """A model folder could not be turned into a servable model."""
 
     status_code = 500
+
+
+class Unauthorized(ServiceError):
+    """A bearer token is required and was missing or wrong."""
+
+    status_code = 401
+
+
+class ClientGone(ServiceError):
+    """The client disconnected before its answer was ready."""
+
+    status_code = 499

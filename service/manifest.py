@@ -97,6 +97,13 @@ class MCSpec(_Strict):
         return self
 
 
+class BatchingSpec(_Strict):
+    """Dynamic batching of concurrent requests (overridable by settings)."""
+
+    max_batch_rows: int = Field(64, ge=1, description="rows merged into one engine call")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="wait for more requests this long")
+
+
 class RuntimeSpec(_Strict):
     """Where and how the engine runs the model."""
 
@@ -118,6 +125,7 @@ class ModelSpec(_Strict):
     normalization: NormalizationSpec = NormalizationSpec()
     mc: MCSpec = MCSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    batching: BatchingSpec = BatchingSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:

@@ -1,0 +1,1 @@
+"""HTTP routers and the pure codecs they call (Open Inference Protocol, native API)."""

@@ -1,0 +1,56 @@
+"""create_app(settings): the FastAPI application; its lifespan loads and drains the repository."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service import __version__
+from service.api import admin, native, oip
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.config import Settings
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new application over settings.model_repository; nothing loads until startup."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    registry = ModelRegistry(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await registry.start()
+        try:
+            yield
+        finally:
+            await registry.close()
+
+    app = FastAPI(
+        title="mcdrop",
+        version=__version__,
+        summary="Monte Carlo dropout predictions with their uncertainty.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.registry = registry
+    install_error_handlers(app)
+    app.include_router(oip.router)
+    app.include_router(native.router)
+    app.include_router(admin.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

@@ -1,0 +1,207 @@
+"""Per-model worker thread with dynamic batching: compatible queued requests share one engine call.
+
+The event loop only enqueues and awaits futures; torch runs on the worker thread. A request
+whose deadline passed, or whose client went away, before its batch starts costs no compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.engine import MCRequest, batch_key
+from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.metrics import Metrics
+from service.model import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+class WorkerClosed(ServiceError):
+    """The worker stopped accepting work (its model is being swapped or unloaded)."""
+
+    status_code = 503
+
+
+@dataclass
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    enqueued: float
+    deadline: float | None
+    request: MCRequest | None = None  # an inference, merged with compatible ones
+    call: Callable[[], Any] | None = None  # anything else, run alone
+    rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rows = 0 if self.request is None else len(self.request.x)
+
+    def key(self) -> object:
+        if self.request is None or self.request.options.samples == "auto":
+            return id(self)  # never merged
+        return batch_key(self.request.options)
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        """Resolve the awaiting future from the worker thread (ignored if it was cancelled)."""
+
+        def apply() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(value)
+
+        self.loop.call_soon_threadsafe(apply)
+
+
+class BatchWorker:
+    """Runs one model's requests on its own thread, merging compatible ones up to a row limit."""
+
+    def __init__(
+        self,
+        name: str,
+        model: ServedModel,
+        *,
+        max_batch_rows: int,
+        max_batch_delay_s: float,
+        queue_size: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.max_rows = max_batch_rows
+        self.max_delay = max_batch_delay_s
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._queue: deque[_Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"mcdrop-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: MCRequest, deadline: float | None = None) -> asyncio.Future[Any]:
+        """Queue an inference; the future resolves to its summary. Call from the event loop."""
+        return self._enqueue(deadline, request=request)
+
+    def submit_call(
+        self, call: Callable[[], Any], deadline: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Run `call` on this model's worker thread, alone (e.g. an evaluation)."""
+        return self._enqueue(deadline, call=call)
+
+    def _enqueue(self, deadline: float | None, **work: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        job = _Job(loop, loop.create_future(), time.monotonic(), deadline, **work)
+        with self._cond:
+            if self._closing:
+                raise WorkerClosed(f"model '{self.name}' is being unloaded")
+            if len(self._queue) >= self.queue_size:
+                raise Overloaded(f"model '{self.name}': {len(self._queue)} requests already queued")
+            self._queue.append(job)
+            self._depth_changed()
+            self._cond.notify()
+        return job.future
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting (not yet started)."""
+        return len(self._queue)
+
+    def close(self) -> None:
+        """Stop accepting work, finish everything queued, and stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    # -- worker thread --------------------------------------------------------------------
+
+    def _depth_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self.name, len(self._queue))
+
+    def _take_batch(self) -> list[_Job] | None:
+        """Wait for work, then for compatible company up to the row limit or the delay."""
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            first = self._queue[0]
+            key = first.key()
+            until = first.enqueued + self.max_delay
+            while not self._closing and first.request is not None:
+                rows = sum(j.rows for j in self._queue if j.key() == key)
+                wait = until - time.monotonic()
+                if rows >= self.max_rows or wait <= 0:
+                    break
+                self._cond.wait(wait)
+            batch: list[_Job] = []
+            rows = 0
+            for job in list(self._queue):
+                if job.key() == key and (not batch or rows + job.rows <= self.max_rows):
+                    batch.append(job)
+                    rows += job.rows
+                    self._queue.remove(job)
+            self._depth_changed()
+            return batch
+
+    def _loop(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                if job.future.cancelled():
+                    continue  # the client went away before its work started
+                if job.deadline is not None and now >= job.deadline:
+                    job.settle(error=DeadlineExceeded("deadline passed before the work started"))
+                    continue
+                live.append(job)
+            if live:
+                self._run(live, now)
+
+    def _run(self, jobs: list[_Job], started: float) -> None:
+        call = jobs[0].call
+        if call is not None:
+            try:
+                jobs[0].settle(call())
+            except Exception as exc:
+                jobs[0].settle(error=exc)
+            return
+        requests = [j.request for j in jobs if j.request is not None]
+        t0 = time.monotonic()
+        try:
+            results = self.model.engine.run_many(requests)
+        except Exception:
+            if len(jobs) == 1:
+                log.exception("model '%s' failed on a request", self.name)
+                jobs[0].settle(error=_internal(self.name))
+                return
+            for job in jobs:  # one bad request must not take the others down
+                self._run([job], started)
+            return
+        compute = time.monotonic() - t0
+        for job, result in zip(jobs, results, strict=True):
+            job.settle(result)
+        if self.metrics is not None:
+            self.metrics.observe_batch(
+                self.name,
+                rows=sum(j.rows for j in jobs),
+                requests=len(jobs),
+                samples=results[0].samples_used,
+                queue_seconds=[started - j.enqueued for j in jobs],
+                compute_seconds=compute,
+            )
+            for result in results:
+                self.metrics.observe_summary(self.name, result)
+
+
+def _internal(name: str) -> ServiceError:
+    return ServiceError(f"model '{name}' failed on this request; see the server log")
