@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test lint unit bench models clean
+.PHONY: serve demo test lint unit bench models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,7 +12,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 
-serve: $(STAMP)  ## local prediction demo on the shipped models (the HTTP server comes with issue 3)
+serve: $(STAMP)  ## serve the shipped models on http://127.0.0.1:8000 (API docs at /docs)
+	$(BIN)/mcdrop serve --model-repository models --host 127.0.0.1 --port 8000
+
+demo: $(STAMP)  ## print predictions of the shipped models, without a server
 	$(BIN)/mcdrop demo --model-repository models
 
 lint: $(STAMP)
@@ -27,6 +30,7 @@ test: lint unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/server.py
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
 	$(BIN)/python -m service.demo_models --out models

@@ -1,4 +1,4 @@
-"""The `mcdrop` command line: train, evaluate, predict, models, demo.
+"""The `mcdrop` command line: serve, train, evaluate, predict, models, demo.
 
 Settings come from MCDROP_* environment variables (service.config) with flags winning.
 User errors print one line to stderr and exit with status 2, never a traceback.
@@ -10,23 +10,25 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor
 
+from service import client
 from service.config import Settings
 from service.errors import InvalidInput, ModelNotFound, ServiceError
 from service.evaluation import ClassificationMetrics, EvaluationReport, evaluate
 from service.manifest import MANIFEST_NAME
 from service.model import ServedModel
+from service.render import format_summary, render_table, summary_document
 from service.repository import scan_repository
+from service.server import serve
 from service.tables import load_table, parse_columns, read_table, select_columns
-from service.uncertainty import RegressionSummary, Summary
 
 USER_ERRORS = (ServiceError, OSError, ValueError)  # ValueError: pydantic, JSON, training
 
@@ -126,6 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--interval", type=float, nargs="+", default=[0.95], help="levels")
     pr.add_argument("--return-samples", type=int, default=0, metavar="K")
     pr.set_defaults(handler=cmd_predict)
+
+    pr.add_argument("--url", help="ask a running server (e.g. http://127.0.0.1:8000)")
+    pr.add_argument("--token", help="bearer token for the server")
+
+    sv = sub.add_parser("serve", help="serve the repository over HTTP (OIP v2 + native API)")
+    repository(sv)
+    sv.add_argument("--host", help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="bind port (default 8000)")
+    sv.add_argument("--max-batch-rows", type=int, help="rows merged per engine call")
+    sv.add_argument("--max-batch-delay-ms", type=float, help="wait this long for company")
+    sv.add_argument("--queue-size", type=int, help="queued requests per model before 503")
+    sv.add_argument("--max-body-bytes", type=int, help="largest request body")
+    sv.add_argument("--poll-interval-s", type=float, help="rescan the repository (0 = never)")
+    sv.add_argument("--control-token", help="bearer token for the repository endpoints")
+    sv.add_argument("--inference-token", help="bearer token for inference")
+    sv.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable)")
+    sv.set_defaults(handler=cmd_serve)
 
     models = sub.add_parser("models", help="list the model repository")
     repository(models)
@@ -262,7 +281,7 @@ def format_report(report: EvaluationReport) -> str:
 # --- predict ------------------------------------------------------------------------------
 
 
-def read_rows(model: ServedModel, rows: str | None, file: Path | None) -> Tensor:
+def read_rows(shape: tuple[int, ...], rows: str | None, file: Path | None) -> Tensor:
     """Raw rows [B, *input.shape] from JSON text, a .json file or a numeric table file."""
     if file is not None and file.suffix.lower() != ".json":
         values = torch.from_numpy(read_table(file))
@@ -277,7 +296,6 @@ def read_rows(model: ServedModel, rows: str | None, file: Path | None) -> Tensor
             raise InvalidInput(
                 f"{source}: expected a row or a list of rows of numbers of equal length ({exc})"
             ) from exc
-    shape = tuple(model.spec.input.shape)
     if tuple(values.shape) == shape or (values.dim() == 1 and len(values) == math.prod(shape)):
         return values.reshape(1, *shape)  # one row
     if values.dim() == 2 and len(shape) > 1 and values.shape[1] == math.prod(shape):
@@ -286,6 +304,8 @@ def read_rows(model: ServedModel, rows: str | None, file: Path | None) -> Tensor
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return remote_predict(args)
     model = resolve_model(args.model, settings_from(args))
     options = model.options(
         args.samples,
@@ -294,134 +314,72 @@ def cmd_predict(args: argparse.Namespace) -> int:
         interval_levels=tuple(args.interval),
         return_samples=args.return_samples,
     )
-    summary = model.predict(read_rows(model, args.rows, args.file), options)
+    rows = read_rows(tuple(model.spec.input.shape), args.rows, args.file)
+    summary = model.predict(rows, options)
     if args.json:
         document = {
             "model": model.spec.name,
             "version": model.spec.version,
             "task": model.spec.task,
             "mask_mode": options.mask_mode,
-            **summary_to_json(model, summary),
+            **summary_document(summary, model.spec),
         }
         print(json.dumps(document, indent=2))
     else:
-        print(format_summary(model, summary, options.mask_mode))
+        print(format_summary(model.spec, summary, options.mask_mode))
     return 0
 
 
-def _floats(t: Tensor) -> list[Any]:
-    return t.detach().cpu().double().tolist()
+def remote_predict(args: argparse.Namespace) -> int:
+    """`predict --url`: the same request sent to a running server."""
+    info = client.model_info(args.url, args.model, args.token)
+    rows = read_rows(tuple(info["input_shape"]), args.rows, args.file)
+    body = {
+        "rows": rows.tolist(),
+        "samples": args.samples,
+        "seed": args.seed,
+        "mask_mode": args.mask_mode,
+        "interval_levels": args.interval,
+        "return_samples": args.return_samples,
+    }
+    answer = client.predict(args.url, args.model, {k: v for k, v in body.items() if v is not None},
+                            args.token)  # fmt: skip
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"{answer['model']} v{answer['version']} at {args.url}: {answer['samples_used']} MC "
+          f"samples, seed {answer['seed']}")  # fmt: skip
+    for i, row in enumerate(answer["predictions"]):
+        if "predicted" in row:
+            p = row["probabilities"][row["predicted"]]
+            print(f"  row {i}: class {row['predicted']} (p={p:.3f})  entropy {row['entropy']:.3f}"
+                  f"  mutual information {row['mutual_information']:.3f}")  # fmt: skip
+        else:
+            for name, out in row.items():
+                print(f"  row {i} {name}: {out['mean']:.4g} ± {out['std']:.3g}")
+    return 0
 
 
-def summary_to_json(model: ServedModel, summary: Summary) -> dict[str, Any]:
-    """A summary as JSON-ready data: samples_used, seed and one object per row."""
-    names = model.spec.output.names
-    rows: list[dict[str, Any]] = []
-    if isinstance(summary, RegressionSummary):
-        for r in range(len(summary.mean)):
-            outputs = {}
-            for d, name in enumerate(names):
-                out: dict[str, Any] = {
-                    k: float(getattr(summary, k)[r, d])
-                    for k in ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
-                }
-                out["intervals"] = {
-                    str(level): {
-                        "gaussian": [float(i.lower[r, d]), float(i.upper[r, d])],
-                        "empirical": [float(e.lower[r, d]), float(e.upper[r, d])]
-                        if (e := summary.empirical_intervals.get(level))
-                        else None,
-                    }
-                    for level, i in summary.gaussian_intervals.items()
-                }
-                if summary.samples is not None:
-                    out["samples"] = _floats(summary.samples[r, :, d])
-                outputs[name] = out
-            rows.append(outputs)
-    else:
-        for r in range(len(summary.probabilities)):
-            row: dict[str, Any] = {
-                "predicted": names[int(summary.predicted_class[r])],
-                "probabilities": dict(zip(names, _floats(summary.probabilities[r]), strict=True)),
-                "probabilities_std": dict(
-                    zip(names, _floats(summary.probabilities_std[r]), strict=True)
-                ),
-            }
-            for key in ("entropy", "expected_entropy", "mutual_information", "variation_ratio"):
-                row[key] = float(getattr(summary, key)[r])
-            if summary.samples is not None:
-                row["samples"] = _floats(summary.samples[r])
-            rows.append(row)
-    return {"samples_used": summary.samples_used, "seed": summary.seed, "rows": rows}
+# --- serve --------------------------------------------------------------------------------
 
 
-def format_summary(model: ServedModel, summary: Summary, mask_mode: str) -> str:
-    """A readable table of a summary, one line per row (and output), with a short legend."""
-    spec = model.spec
-    lines = [
-        f"{spec.name} v{spec.version} ({spec.task}): {summary.samples_used} MC samples, "
-        f"seed {summary.seed}, {mask_mode} masks"
-    ]
-    if isinstance(summary, RegressionSummary):
-        levels = sorted(summary.gaussian_intervals)
-        head = ["row", "output", "mean", "std", "epistemic", "aleatoric"]
-        table = [head + [f"{level:.0%} interval" for level in levels]]
-        for r in range(len(summary.mean)):
-            for d, name in enumerate(spec.output.names):
-                cells = [str(r), name] + [
-                    f"{float(v[r, d]):.4g}"
-                    for v in (
-                        summary.mean,
-                        summary.std,
-                        summary.epistemic_variance.sqrt(),
-                        summary.aleatoric_variance.sqrt(),
-                    )
-                ]
-                for level in levels:
-                    i = summary.gaussian_intervals[level]
-                    cells.append(f"[{float(i.lower[r, d]):.4g}, {float(i.upper[r, d]):.4g}]")
-                table.append(cells)
-        legend = (
-            "std: total predictive std = sqrt(epistemic^2 + aleatoric^2); epistemic: "
-            "spread of the dropout samples (model uncertainty); aleatoric: noise; "
-            "intervals are Gaussian (--json adds empirical ones)"
-        )
-    else:
-        table = [["row", "class", "probability", "entropy", "mutual_info", "variation_ratio"]]
-        for r in range(len(summary.probabilities)):
-            k = int(summary.predicted_class[r])
-            table.append(
-                [str(r), spec.output.names[k], f"{float(summary.probabilities[r, k]):.3f}"]
-                + [
-                    f"{float(getattr(summary, key)[r]):.3f}"
-                    for key in ("entropy", "mutual_information", "variation_ratio")
-                ]
-            )
-        legend = (
-            "entropy: total uncertainty (nats); mutual_info: the part due to the model "
-            "(dropout samples disagree); variation_ratio: share of samples not voting "
-            "for the top class"
-        )
-    lines += render_table(table)
-    if summary.samples is not None:
-        lines += [
-            f"row {r} samples: " + ", ".join(f"{v:.4g}" for v in _flat(summary.samples[r]))
-            for r in range(len(summary.samples))
-        ]
-    return "\n".join([*lines, legend])
-
-
-def _flat(t: Tensor) -> list[float]:
-    return [float(v) for v in t.reshape(-1)]
-
-
-def render_table(rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns separated by two spaces."""
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+def cmd_serve(args: argparse.Namespace) -> int:
+    flags = {
+        "model_repository": args.model_repository,
+        "device": args.device,
+        "host": args.host,
+        "port": args.port,
+        "max_batch_rows": args.max_batch_rows,
+        "max_batch_delay_ms": args.max_batch_delay_ms,
+        "queue_size": args.queue_size,
+        "max_body_bytes": args.max_body_bytes,
+        "poll_interval_s": args.poll_interval_s,
+        "control_token": args.control_token,
+        "inference_token": args.inference_token,
+        "cors_origins": args.cors_origin,
+    }
+    serve(Settings(**{k: v for k, v in flags.items() if v is not None}))
+    return 0
 
 
 # --- models and demo ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ registered too.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable, Sequence
 
 from prometheus_client import (
@@ -127,9 +128,9 @@ class Metrics:
             "Classification: mutual information (epistemic part of the entropy) per row, nats.",
             NATS_BUCKETS,
         )
-        self._per_model: tuple[MetricWrapperBase, ...] = (
-            self.requests,
-            self.request_seconds,
+        self._lock = threading.Lock()
+        self._endpoints: dict[str, set[tuple[str, str]]] = {}  # model -> {(endpoint, status)}
+        self._per_model: tuple[MetricWrapperBase, ...] = (  # labelled by model alone
             self.queue_seconds,
             self.compute_seconds,
             self.batch_rows,
@@ -147,6 +148,8 @@ class Metrics:
 
     def observe_request(self, model: str, endpoint: str, status: int | str, seconds: float) -> None:
         """One answered request: endpoint e.g. "oip_infer", "predict", "evaluate"."""
+        with self._lock:
+            self._endpoints.setdefault(model, set()).add((endpoint, str(status)))
         self.requests.labels(model, endpoint, str(status)).inc()
         self.request_seconds.labels(model, endpoint).observe(seconds)
 
@@ -193,8 +196,13 @@ class Metrics:
 
     def remove_model(self, model: str) -> None:
         """Drop every series labelled with `model` (it was unloaded)."""
+        with self._lock:
+            seen = self._endpoints.pop(model, set())
+        for endpoint, status in seen:
+            self.requests.remove(model, endpoint, status)
+            self.request_seconds.remove(model, endpoint)
         for metric in self._per_model:
-            metric.remove_by_labels({"model": model})
+            metric.remove(model)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of the registry and its content type, for GET /metrics."""

@@ -28,7 +28,7 @@ CLASS_SCALARS = ("entropy", "expected_entropy", "mutual_information", "variation
 
 def interval_name(level: float, side: Literal["lower", "upper"], empirical: bool = False) -> str:
     """Output name of one interval bound: 0.95 -> lower_95, 0.995 -> upper_99.5_empirical."""
-    pct = f"{round(level * 100.0, 10):.10f}".rstrip("0").rstrip(".")
+    pct = f"{level * 100.0:.10f}".rstrip("0").rstrip(".")
     return f"{side}_{pct}_empirical" if empirical else f"{side}_{pct}"
 
 

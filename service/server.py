@@ -1,0 +1,42 @@
+"""Run the HTTP service with uvicorn; SIGTERM stops accepting, drains in-flight work, then exits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from service.app import create_app
+from service.config import Settings
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def urls(settings: Settings) -> dict[str, str]:
+    """Where a person finds the API docs and the health endpoint."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    base = f"http://{host}:{settings.port}"
+    return {"api": base, "docs": f"{base}/docs", "health": f"{base}/v2/health/ready",
+            "metrics": f"{base}/metrics"}  # fmt: skip
+
+
+def serve(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests finish before the process exits."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    where = urls(settings)
+    print(
+        f"mcdrop: serving {settings.model_repository} on {where['api']}\n"
+        f"  API docs: {where['docs']}\n  health:   {where['health']}\n"
+        f"  metrics:  {where['metrics']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        log_level="info",
+    )
+    uvicorn.Server(config).run()
