@@ -51,6 +51,7 @@ class Accumulators:
         self.kept: Tensor | None = None
         self.kept_aleatoric: Tensor | None = None
         self.moments: StreamingMoments | None = None
+        self._final: tuple[Tensor, Tensor] | None = None  # mean and variance once sampling ended
         self.rows = rows
         self.targets = None if targets is None else targets.to(device, torch.float64)
         self.loglik = StreamingLogMeanExp(rows, device) if targets is not None else None
@@ -113,7 +114,9 @@ class Accumulators:
     ) -> RegressionSummary | ClassificationSummary:
         """The summary of one request's rows after n samples."""
         assert self.moments is not None
-        mean, var = self.moments.mean[rows], self.moments.variance[rows]
+        if self._final is None:  # every request of the batch reads its rows of one computation
+            self._final = (self.moments.mean, self.moments.variance)
+        mean, var = self._final[0][rows], self._final[1][rows]
         kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
         samples = None if kept is None or not returned else kept[:, :returned]
         if self.head.task == "classification":
