@@ -40,9 +40,9 @@ class DeadlineExceeded(ServiceError):
 
 
 class ModelLoadError(ServiceError):
-    """A model folder could not be turned into a servable model."""
+    """A model folder could not be turned into a servable model (its files are wrong)."""
 
-    status_code = 500
+    status_code = 400
 
 
 class Unauthorized(ServiceError):

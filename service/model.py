@@ -124,6 +124,8 @@ class ServedModel:
         if not bool(torch.isfinite(rows).all()):
             raise InvalidInput("input: contains NaN or infinite values")
         x = rows.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise InvalidInput("input: values beyond the float32 range")
         if self.input_mean is not None and self.input_std is not None:
             x = (x - self.input_mean) / self.input_std
         return x

@@ -75,6 +75,7 @@ class ModelRegistry:
         self.ready = False
         self._entries: dict[str, ModelEntry] = {}
         self._errors: dict[str, str] = {}
+        self._failed: dict[str, str] = {}  # fingerprint of each folder's last failed load
         self._loading: set[str] = set()
         self._control = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
@@ -142,8 +143,9 @@ class ModelRegistry:
     async def _load(self, name: str, folder: Path, force: bool) -> None:
         mark = await asyncio.to_thread(fingerprint, folder)
         old = self._entries.get(name)
-        if old is not None and old.fingerprint == mark and not force:
-            return
+        if not force and mark in (None if old is None else old.fingerprint, self._failed.get(name)):
+            return  # unchanged since it last loaded, or since it last failed
+
         self._loading.add(name)
         try:
             model = await asyncio.to_thread(ServedModel.load, folder, self.settings)
@@ -156,6 +158,7 @@ class ModelRegistry:
             message = str(exc) if isinstance(exc, ModelLoadError) else f"{folder}: {exc!r}"
             log.error("model '%s' failed to load: %s", name, message)
             self._errors[name] = message
+            self._failed[name] = mark
             self.metrics.observe_load_failure(name)
             return
         finally:
@@ -174,6 +177,7 @@ class ModelRegistry:
         )  # fmt: skip
         self._entries[name] = ModelEntry(model, worker, mark)
         self._errors.pop(name, None)
+        self._failed.pop(name, None)
         self.metrics.set_models_loaded(len(self._entries))
         log.info("model '%s' version %s ready", name, model.spec.version)
         if old is not None:

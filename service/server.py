@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -39,4 +40,7 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         log_level="info",
     )
+    # uvicorn re-raises the signal it caught once it has drained; a no-op handler turns that
+    # into a clean exit 0 after the graceful shutdown.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.Server(config).run()

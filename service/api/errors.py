@@ -35,7 +35,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{_field(tuple(e['loc']))}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        broken = [e for e in errors if e.get("type") == "json_invalid"]
+        if broken:  # not JSON at all: a malformed request, not an out-of-range field
+            where = broken[0]["loc"][-1] if broken[0].get("loc") else "?"
+            detail = broken[0].get("ctx", {}).get("error", broken[0]["msg"])
+            return error_response(400, f"malformed JSON at character {where}: {detail}")
+        problems = "; ".join(f"{_field(tuple(e['loc']))}: {e['msg']}" for e in errors)
         return error_response(422, problems)
 
     @app.exception_handler(HTTPException)

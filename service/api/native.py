@@ -108,9 +108,9 @@ def _options(model: ServedModel, body: MCParameters) -> Any:
 )
 async def predict(name: str, body: PredictRequest, request: Request) -> Response:
     """MC prediction: mean and uncertainty per row, in the model's raw units."""
-    request.state.metric = (name, "predict")
     registry = registry_of(request)
     model = registry.get(name).model
+    request.state.metric = (name, "predict")  # only known models get series
     rows = _tensor(body.rows, "rows")
     work = registry.infer(name, None, rows, _options(model, body),
                           deadline=deadline(request, body.timeout_ms))  # fmt: skip
@@ -124,9 +124,9 @@ async def predict(name: str, body: PredictRequest, request: Request) -> Response
 @router.post("/v1/models/{name}/evaluate", dependencies=[Depends(require_inference_token)])
 async def evaluate_model(name: str, body: EvaluateRequest, request: Request) -> dict[str, Any]:
     """Score the model on rows with known targets: the metrics of `mcdrop evaluate`."""
-    request.state.metric = (name, "evaluate")
     registry = registry_of(request)
     model = registry.get(name).model
+    request.state.metric = (name, "evaluate")
     rows, targets = _tensor(body.rows, "rows"), _tensor(body.targets, "targets")
     if len(rows) != len(targets):
         raise InvalidInput(f"targets: {len(targets)} given for {len(rows)} rows")

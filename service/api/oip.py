@@ -108,14 +108,20 @@ def mc_options(model: ServedModel, params: dict[str, Any]) -> MCOptions:
         raise InvalidInput(
             f"parameter 'mask_mode': expected 'independent' or 'shared', got {mask_mode!r}"
         )
-    return model.options(
-        samples,  # type: ignore[arg-type]
-        seed=_int_param(params, "seed"),
-        mask_mode=mask_mode,
-        tolerance=None if tolerance is None else float(tolerance),
-        interval_levels=parse_levels(params.get("interval_levels", 0.95)),
-        return_samples=_int_param(params, "return_samples") or 0,
-    )
+    try:
+        return model.options(
+            samples,  # type: ignore[arg-type]
+            seed=_int_param(params, "seed"),
+            mask_mode=mask_mode,
+            tolerance=None if tolerance is None else float(tolerance),
+            interval_levels=parse_levels(params.get("interval_levels", 0.95)),
+            return_samples=_int_param(params, "return_samples") or 0,
+        )
+    except InvalidInput as exc:  # name the OIP parameter, not the library's argument
+        message = str(exc)
+        if message.startswith("samples:"):
+            message = "parameter 'mc_samples':" + message.removeprefix("samples:")
+        raise type(exc)(message) from exc
 
 
 @router.post("/v2/models/{name}/infer", dependencies=[Depends(require_inference_token)])
@@ -124,9 +130,9 @@ def mc_options(model: ServedModel, params: dict[str, Any]) -> MCOptions:
 )
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """MC inference over the rows of the single input tensor 'input'."""
-    request.state.metric = (name, "oip_infer")
     registry = registry_of(request)
     model = registry.get(name, version).model
+    request.state.metric = (name, "oip_infer")  # only known models get series
     header = request.headers.get(HEADER_LENGTH)
     if header is not None and not header.isdigit():
         raise InvalidInput(f"{HEADER_LENGTH}: '{header}' is not a byte count")
@@ -137,7 +143,9 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     rows = torch.from_numpy(parsed.inputs[0].data.astype("float64", copy=False))
     options = mc_options(model, parsed.parameters)
     timeout_us = _int_param(parsed.parameters, "timeout")
-    limit = deadline(request, None if not timeout_us else timeout_us / 1000.0)
+    if timeout_us is not None and timeout_us <= 0:
+        raise InvalidInput(f"parameter 'timeout': {timeout_us} is not a positive microsecond count")
+    limit = deadline(request, None if timeout_us is None else timeout_us / 1000.0)
     summary = await unless_disconnected(
         request, registry.infer(name, version, rows, options, deadline=limit)
     )

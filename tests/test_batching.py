@@ -1,0 +1,341 @@
+"""BatchWorker: merging compatible requests bit-for-bit, limits, cancellation, deadlines, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import write_mlp_model
+from http_helpers import (
+    SHIPPED,
+    EngineSpy,
+    clear_mcdrop_env,
+    metric,
+    parse_metrics,
+    settings_for,
+    wait_for,
+)
+
+from service.batching import BatchWorker, WorkerClosed
+from service.engine import MCRequest
+from service.errors import DeadlineExceeded, Overloaded, ServiceError
+from service.metrics import Metrics
+from service.model import ServedModel
+from service.uncertainty import Summary
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_mcdrop_env(monkeypatch)
+
+
+@dataclasses.dataclass
+class Rig:
+    """A served model whose engine calls are spied on, and its worker."""
+
+    model: ServedModel
+    spy: EngineSpy
+    worker: BatchWorker
+    metrics: Metrics
+    original: Callable[[list[MCRequest]], list[Summary]]
+
+    def request(self, rows: int, first: float, **options: Any) -> MCRequest:
+        """`rows` raw rows whose first feature starts at `first` (a marker) and counts up."""
+        shape = tuple(self.model.spec.input.shape)
+        x = torch.linspace(-1.0, 1.0, rows * _size(shape), dtype=torch.float64).reshape(
+            rows, *shape
+        )
+        x.view(rows, -1)[:, 0] = first + torch.arange(rows, dtype=torch.float64)
+        return self.model.request(x, self.model.options(**options))
+
+    def alone(self, request: MCRequest) -> Summary:
+        """The unbatched twin: the engine on this one request (not through the spy)."""
+        return self.original([request])[0]
+
+
+def _size(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _rig(folder: Path, monkeypatch: pytest.MonkeyPatch, **worker: Any) -> Rig:
+    model = ServedModel.load(folder, settings_for(folder.parent))
+    original = model.engine.run_many
+    spy = EngineSpy(original)
+    monkeypatch.setattr(model.engine, "run_many", spy)
+    metrics = Metrics()
+    options = {"max_batch_rows": 64, "max_batch_delay_s": 0.0, "queue_size": 100} | worker
+    worker_ = BatchWorker("m", model, metrics=metrics, **options)
+    return Rig(model, spy, worker_, metrics, original)
+
+
+@pytest.fixture
+async def mlp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
+    write_mlp_model(tmp_path / "mlp", in_features=3, outputs=("a", "b"), hidden=(16, 16),
+                    dropout=0.3, tau=2.0, mc={"max_samples": 256})  # fmt: skip
+    rig = _rig(tmp_path / "mlp", monkeypatch)
+    yield rig
+    rig.spy.release()
+    await asyncio.to_thread(rig.worker.close)
+
+
+def assert_same_summary(got: Summary, want: Summary) -> None:
+    """Every field identical: tensors bit for bit, intervals per level, counts and seeds."""
+    assert type(got) is type(want)
+    for field in dataclasses.fields(want):
+        a, b = getattr(got, field.name), getattr(want, field.name)
+        if isinstance(b, torch.Tensor):
+            assert torch.equal(a, b), field.name
+        elif isinstance(b, dict):
+            assert a.keys() == b.keys(), field.name
+            for level in b:
+                assert torch.equal(a[level].lower, b[level].lower), (field.name, level)
+                assert torch.equal(a[level].upper, b[level].upper), (field.name, level)
+        else:
+            assert a == b, field.name
+
+
+def first_features(requests: Sequence[MCRequest]) -> list[float]:
+    return [float(r.x.reshape(len(r.x), -1)[0, 0]) for r in requests]
+
+
+# -- merging -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["mlp", "digits"])
+async def test_compatible_requests_merge_and_match_their_unbatched_twins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    if model == "mlp":
+        write_mlp_model(tmp_path / "m", in_features=3, hidden=(16,), dropout=0.3, tau=2.0)
+        folder = tmp_path / "m"
+    else:
+        folder = SHIPPED / "digits"  # a CNN with batchnorm: split into prefix and suffix
+    rig = _rig(folder, monkeypatch)
+    try:
+        sizes = [1, 2, 3, 1, 5, 2, 8, 1]
+        levels = [(0.95,), (0.8, 0.95), (0.5,)]
+        requests = [  # options outside the batch key (levels, samples kept) may differ
+            rig.request(n, 10.0 * k, samples=24, seed=100 + k, return_samples=k % 3,
+                        interval_levels=levels[k % 3])
+            for k, n in enumerate(sizes)
+        ]  # fmt: skip
+        with rig.spy.held():
+            blocker = rig.worker.submit(rig.request(1, -50.0, samples=24, seed=1))
+            await rig.spy.wait_calls(1)
+            futures = [rig.worker.submit(r) for r in requests]
+        await blocker
+        results = await asyncio.gather(*futures)
+    finally:
+        await asyncio.to_thread(rig.worker.close)
+    assert len(rig.spy.calls) == 2
+    assert first_features(rig.spy.calls[1]) == first_features(requests)  # all in one call
+    for request, result in zip(requests, results, strict=True):
+        assert_same_summary(result, rig.alone(request))
+    series = parse_metrics(rig.metrics.render()[0].decode())
+    assert metric(series, "mcdrop_batch_requests_sum", model="m") == 1 + len(sizes)
+    assert metric(series, "mcdrop_batch_rows_sum", model="m") == 1 + sum(sizes)
+    assert metric(series, "mcdrop_batch_requests_count", model="m") == 2
+
+
+async def test_a_batch_never_exceeds_max_batch_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mlp_model(tmp_path / "m", in_features=3)
+    rig = _rig(tmp_path / "m", monkeypatch, max_batch_rows=4)
+    try:
+        sizes = [2, 2, 2, 1, 6, 1]
+        with rig.spy.held():
+            blocker = rig.worker.submit(rig.request(1, -50.0, samples=8, seed=0))
+            await rig.spy.wait_calls(1)
+            futures = [rig.worker.submit(rig.request(n, 10.0 * k, samples=8, seed=k))
+                       for k, n in enumerate(sizes)]  # fmt: skip
+        await blocker
+        results = await asyncio.gather(*futures)
+    finally:
+        await asyncio.to_thread(rig.worker.close)
+    assert [len(r.mean) for r in results] == sizes
+    batches = [[len(r.x) for r in call] for call in rig.spy.calls[1:]]
+    assert sorted(n for b in batches for n in b) == sorted(sizes)
+    for rows in batches:
+        assert sum(rows) <= 4 or len(rows) == 1, batches  # an oversized request runs alone
+    assert any(len(rows) > 1 for rows in batches)
+
+
+async def test_incompatible_requests_are_not_merged_but_all_answered(mlp: Rig) -> None:
+    kinds: list[dict[str, Any]] = [
+        {"samples": 16},
+        {"samples": 32},
+        {"samples": 16, "mask_mode": "shared"},
+        {"samples": "auto", "tolerance": 1e-9},
+        {"samples": 16},
+        {"samples": "auto", "tolerance": 1e-9},
+    ]
+    requests = [mlp.request(1, 10.0 * k, seed=k, **o) for k, o in enumerate(kinds)]
+    with mlp.spy.held():
+        blocker = mlp.worker.submit(mlp.request(1, -50.0, samples=16, seed=0))
+        await mlp.spy.wait_calls(1)
+        futures = [mlp.worker.submit(r) for r in requests]
+    await blocker
+    results = await asyncio.gather(*futures)
+    groups = sorted(first_features(call) for call in mlp.spy.calls[1:])
+    assert groups == [[0.0, 40.0], [10.0], [20.0], [30.0], [50.0]]
+    for request, result in zip(requests, results, strict=True):
+        assert_same_summary(result, mlp.alone(request))
+    assert [r.samples_used for r in results] == [16, 32, 16, 256, 16, 256]
+
+
+async def test_max_batch_delay_waits_for_company(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a long delay and a row limit of 3, three single-row requests form one batch."""
+    write_mlp_model(tmp_path / "m", in_features=3)
+    rig = _rig(tmp_path / "m", monkeypatch, max_batch_rows=3, max_batch_delay_s=30.0)
+    try:
+        futures = []
+        for k in range(3):
+            futures.append(rig.worker.submit(rig.request(1, 10.0 * k, samples=8, seed=k)))
+            await asyncio.sleep(0.01)  # separate arrivals
+        await asyncio.gather(*futures)
+    finally:
+        await asyncio.to_thread(rig.worker.close)
+    assert [first_features(c) for c in rig.spy.calls] == [[0.0, 10.0, 20.0]]
+
+
+# -- work that must not run --------------------------------------------------------------------
+
+
+async def test_a_cancelled_queued_job_is_never_computed(mlp: Rig) -> None:
+    with mlp.spy.held():
+        blocker = mlp.worker.submit(mlp.request(1, -50.0, samples=16, seed=0))
+        await mlp.spy.wait_calls(1)
+        leaving = mlp.worker.submit(mlp.request(1, 10.0, samples=16, seed=1))
+        staying = mlp.worker.submit(mlp.request(1, 20.0, samples=16, seed=2))
+        leaving.cancel()  # what the router does when the client disconnects
+    await blocker
+    await staying
+    seen = [v for call in mlp.spy.calls for v in first_features(call)]
+    assert seen == [-50.0, 20.0]
+    assert mlp.worker.depth == 0
+
+
+async def test_a_job_whose_deadline_passed_in_the_queue_is_never_computed(mlp: Rig) -> None:
+    with mlp.spy.held():
+        blocker = mlp.worker.submit(mlp.request(1, -50.0, samples=16, seed=0))
+        await mlp.spy.wait_calls(1)
+        expired = mlp.worker.submit(mlp.request(1, 10.0, samples=16, seed=1), time.monotonic())
+        fine = mlp.worker.submit(
+            mlp.request(1, 20.0, samples=16, seed=2), time.monotonic() + 3600.0
+        )
+    await blocker
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await expired
+    await fine
+    assert [v for call in mlp.spy.calls for v in first_features(call)] == [-50.0, 20.0]
+
+
+async def test_a_full_queue_refuses_with_overloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mlp_model(tmp_path / "m", in_features=3)
+    rig = _rig(tmp_path / "m", monkeypatch, queue_size=2)
+    try:
+        with rig.spy.held():
+            running = rig.worker.submit(rig.request(1, 0.0, samples=8, seed=0))
+            await rig.spy.wait_calls(1)
+            queued = [rig.worker.submit(rig.request(1, 1.0 + k, samples=8, seed=k))
+                      for k in range(2)]  # fmt: skip
+            with pytest.raises(Overloaded, match="'m'") as refused:
+                rig.worker.submit(rig.request(1, 9.0, samples=8, seed=9))
+        await asyncio.gather(running, *queued)
+        after = await rig.worker.submit(rig.request(1, 5.0, samples=8, seed=5))
+    finally:
+        await asyncio.to_thread(rig.worker.close)
+    assert refused.value.status_code == 503
+    assert len(after.mean) == 1
+    assert 9.0 not in rig.spy.rows_seen()
+
+
+# -- failures and shutdown ---------------------------------------------------------------------
+
+
+async def test_a_request_that_breaks_the_engine_does_not_fail_its_batch_mates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_mlp_model(tmp_path / "m", in_features=3)
+    model = ServedModel.load(tmp_path / "m", settings_for(tmp_path))
+    real = model.engine.run_many
+
+    def fragile(requests: Sequence[MCRequest]) -> list[Summary]:
+        if any(666.0 in first_features([r]) for r in requests):
+            raise RuntimeError("poisoned row")
+        return real(list(requests))
+
+    spy = EngineSpy(fragile)
+    monkeypatch.setattr(model.engine, "run_many", spy)
+    worker = BatchWorker("m", model, max_batch_rows=64, max_batch_delay_s=0.0, queue_size=10)
+    rig = Rig(model, spy, worker, Metrics(), real)
+    try:
+        with spy.held():
+            blocker = worker.submit(rig.request(1, -50.0, samples=8, seed=0))
+            await spy.wait_calls(1)
+            good = [worker.submit(rig.request(1, 10.0 * k, samples=8, seed=k)) for k in range(3)]
+            bad = worker.submit(rig.request(1, 666.0, samples=8, seed=9))
+        await blocker
+        answers = await asyncio.gather(*good)
+        with pytest.raises(ServiceError, match="'m' failed on this request") as failed:
+            await bad
+    finally:
+        await asyncio.to_thread(worker.close)
+    assert failed.value.status_code == 500
+    assert "poisoned" not in str(failed.value)  # internals stay in the log
+    for k, answer in enumerate(answers):
+        assert_same_summary(answer, rig.alone(rig.request(1, 10.0 * k, samples=8, seed=k)))
+
+
+async def test_close_drains_queued_work_then_refuses_more(mlp: Rig) -> None:
+    with mlp.spy.held():
+        blocker = mlp.worker.submit(mlp.request(1, -50.0, samples=16, seed=0))
+        await mlp.spy.wait_calls(1)
+        queued = [mlp.worker.submit(mlp.request(2, 10.0 * k, samples=16, seed=k))
+                  for k in range(3)]  # fmt: skip
+        closing = asyncio.create_task(asyncio.to_thread(mlp.worker.close))
+        await wait_for(lambda: mlp.worker._closing, "close() to begin")
+        with pytest.raises(WorkerClosed):
+            mlp.worker.submit(mlp.request(1, 99.0, samples=16, seed=0))
+    await closing
+    results = await asyncio.gather(blocker, *queued)
+    assert [len(r.mean) for r in results] == [1, 2, 2, 2]
+    assert 99.0 not in mlp.spy.rows_seen()
+    assert not mlp.worker._thread.is_alive()
+
+
+async def test_submit_call_runs_alone_on_the_worker_thread(mlp: Rig) -> None:
+    import threading
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    with mlp.spy.held():
+        blocker = mlp.worker.submit(mlp.request(1, -50.0, samples=16, seed=0))
+        await mlp.spy.wait_calls(1)
+        call = mlp.worker.submit_call(where)
+        after = mlp.worker.submit(mlp.request(1, 10.0, samples=16, seed=1))
+    assert await call == "mcdrop-m"
+    await asyncio.gather(blocker, after)
+    assert [first_features(c) for c in mlp.spy.calls] == [[-50.0], [10.0]]
