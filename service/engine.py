@@ -27,6 +27,8 @@ from service.streaming import BLOCK, round_up
 from service.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
+    Summary,
+    rows_of,
     validate_levels,
 )
 
@@ -239,11 +241,18 @@ class MCEngine:
             if first.samples == "auto" and acc.converged(first.tolerance):
                 break
         offsets = [0, *itertools.accumulate(sizes)]
-        return [
-            acc.summary(slice(offsets[i], offsets[i + 1]), done, seeds[i],
-                        validate_levels(o.interval_levels), o.return_samples)
-            for i, o in enumerate(opts)
-        ]  # fmt: skip
+        whole: dict[tuple[tuple[float, ...], int], Summary] = {}  # one per distinct option set
+        answers = []
+        for i, o in enumerate(opts):
+            mine = slice(offsets[i], offsets[i + 1])
+            key = (validate_levels(o.interval_levels), o.return_samples)
+            if self.head.task == "regression":  # empirical intervals draw noise from the seed
+                answers.append(acc.summary(mine, done, seeds[i], *key))
+                continue
+            if key not in whole:  # classification: summarise every row once, then slice
+                whole[key] = acc.summary(slice(None), done, seeds[i], *key)
+            answers.append(rows_of(whole[key], mine, seeds[i]))
+        return answers
 
     def _prefix(self, xs: list[Tensor]) -> list[Any]:
         """Prefix once per row, each request padded to a multiple of 8 rows and aligned.

@@ -5,6 +5,7 @@ Shapes: B rows, D regression outputs, C classes, K kept samples.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -86,6 +87,18 @@ class ClassificationSummary:
 
 
 Summary = RegressionSummary | ClassificationSummary
+
+
+def rows_of(summary: Summary, rows: slice, seed: int) -> Summary:
+    """The summary of some rows (views, no copies), reporting `seed`."""
+    changes: dict[str, object] = {"seed": seed}
+    for f in dataclasses.fields(summary):
+        value = getattr(summary, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value[rows]
+        elif isinstance(value, dict):
+            changes[f.name] = {k: Interval(v.lower[rows], v.upper[rows]) for k, v in value.items()}
+    return dataclasses.replace(summary, **changes)  # type: ignore[arg-type]
 
 
 def entropy(probs: Tensor) -> Tensor:
