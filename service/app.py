@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await registry.start()
+        # Everything loaded so far lives as long as the process: keep it out of the garbage
+        # collector's full scans, which otherwise stall every request for ~250 ms at a time.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
