@@ -25,6 +25,7 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address the HTTP server binds")
     port: int = Field(8000, ge=0, le=65535, description="port the HTTP server binds")
+    workers: int = Field(1, ge=1, description="server processes, each with every model loaded")
     max_body_bytes: int = Field(16 << 20, ge=1024, description="largest request body accepted")
     queue_size: int = Field(256, ge=1, description="requests waiting per model before 503")
     max_batch_rows: int | None = Field(None, ge=1, description="overrides the manifests' value")

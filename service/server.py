@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import sys
+from typing import Any
 
 import uvicorn
 
@@ -33,14 +36,23 @@ def serve(settings: Settings) -> None:
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        log_level="info",
-    )
     # uvicorn re-raises the signal it caught once it has drained; a no-op handler turns that
     # into a clean exit 0 after the graceful shutdown.
     signal.signal(signal.SIGTERM, lambda *_: None)
-    uvicorn.Server(config).run()
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
+              "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S}  # fmt: skip
+    if settings.workers == 1:
+        uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
+        return
+    # Worker processes build their own app from the environment: hand them these settings.
+    os.environ.update(settings_environment(settings))
+    uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """MCDROP_* variables that rebuild exactly these settings in another process."""
+    env = {}
+    for name, value in settings.model_dump(exclude_none=True).items():
+        text = json.dumps(value) if isinstance(value, list | bool) else str(value)
+        env[f"MCDROP_{name.upper()}"] = text
+    return env

@@ -221,3 +221,25 @@ def _refuses_connections(server: ServerProcess) -> bool:
     except httpx.TransportError:
         return True
     return False
+
+
+def test_worker_processes_rebuild_exactly_the_served_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--workers N hands the settings to its processes through MCDROP_* variables."""
+    from service.config import Settings
+    from service.server import settings_environment, urls
+
+    chosen = Settings(
+        model_repository=tmp_path,
+        port=8123,
+        workers=2,
+        compile=True,
+        cors_origins=["http://a.test"],
+        control_token="t",
+        max_batch_delay_ms=0.5,
+    )
+    for key, value in settings_environment(chosen).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == chosen
+    assert urls(chosen)["health"] == "http://127.0.0.1:8123/v2/health/ready"
