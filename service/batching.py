@@ -188,9 +188,7 @@ class BatchWorker:
                 self._run([job], started)
             return
         compute = time.monotonic() - t0
-        for job, result in zip(jobs, results, strict=True):
-            job.settle(result)
-        if self.metrics is not None:
+        if self.metrics is not None:  # before answering, so a scrape after an answer sees it
             self.metrics.observe_batch(
                 self.name,
                 rows=sum(j.rows for j in jobs),
@@ -201,6 +199,8 @@ class BatchWorker:
             )
             for result in results:
                 self.metrics.observe_summary(self.name, result)
+        for job, result in zip(jobs, results, strict=True):
+            job.settle(result)
 
 
 def _internal(name: str) -> ServiceError:

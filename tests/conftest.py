@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -100,3 +101,16 @@ def write_mlp_model(
 def mlp_writer() -> Callable[..., nn.Sequential]:
     """`write_mlp_model` as a fixture, for test modules that prefer not to import conftest."""
     return write_mlp_model
+
+
+@pytest.fixture(autouse=True)
+def _no_mcdrop_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drop every MCDROP_* variable so only the settings a test gives apply."""
+    for key in [k for k in os.environ if k.startswith("MCDROP_")]:
+        monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio (the server's loop)."""
+    return "asyncio"

@@ -425,12 +425,6 @@ def queue_depth(app: FastAPI, name: str) -> int:
     return depth
 
 
-def clear_mcdrop_env(monkeypatch: Any) -> None:
-    """Drop every MCDROP_* variable so only the settings a test gives apply."""
-    for key in [k for k in os.environ if k.startswith("MCDROP_")]:
-        monkeypatch.delenv(key)
-
-
 async def raw_asgi_post(
     app: FastAPI, path: str, body: bytes, disconnect: asyncio.Event
 ) -> list[dict[str, Any]]:

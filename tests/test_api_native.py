@@ -12,7 +12,6 @@ import pytest
 import torch
 from conftest import write_mlp_model
 from http_helpers import (
-    clear_mcdrop_env,
     copy_shipped,
     error_of,
     serve,
@@ -27,16 +26,6 @@ from service.render import summary_rows
 pytestmark = pytest.mark.anyio
 PREDICT = "/v1/models/mlp/predict"
 ROWS = [[0.5, -1.25], [2.0, 0.75], [-3.5, 0.0]]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_mcdrop_env(monkeypatch)
 
 
 @pytest.fixture

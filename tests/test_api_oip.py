@@ -13,7 +13,6 @@ import torch
 from conftest import write_mlp_model
 from http_helpers import (
     binary_body,
-    clear_mcdrop_env,
     copy_shipped,
     decode_outputs,
     error_of,
@@ -32,16 +31,6 @@ from service.model import ServedModel
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/mlp/infer"
 ROWS = [[0.5, -1.25], [2.0, 0.75], [-3.5, 0.0]]  # exact in float32
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_mcdrop_env(monkeypatch)
 
 
 @pytest.fixture

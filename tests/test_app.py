@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from conftest import write_mlp_model
 from http_helpers import (
-    clear_mcdrop_env,
     copy_shipped,
     error_of,
     metric,
@@ -30,16 +29,6 @@ from service import __version__
 
 pytestmark = pytest.mark.anyio
 TOKEN = "s3cret-token"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_mcdrop_env(monkeypatch)
 
 
 @pytest.fixture

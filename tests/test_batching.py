@@ -15,7 +15,6 @@ from conftest import write_mlp_model
 from http_helpers import (
     SHIPPED,
     EngineSpy,
-    clear_mcdrop_env,
     metric,
     parse_metrics,
     settings_for,
@@ -30,16 +29,6 @@ from service.model import ServedModel
 from service.uncertainty import Summary
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_mcdrop_env(monkeypatch)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,6 @@ import pytest
 import torch
 from conftest import write_mlp_model
 from http_helpers import (
-    clear_mcdrop_env,
     decode_outputs,
     error_of,
     metric,
@@ -38,16 +37,6 @@ from service.uncertainty import RegressionSummary
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/mlp/infer"
 ROW = [[0.5, -1.0]]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    clear_mcdrop_env(monkeypatch)
 
 
 @pytest.fixture

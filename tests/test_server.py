@@ -35,11 +35,6 @@ ROWS = np.asarray([[0.5, -1.25, 2.0], [1.5, 0.25, -0.75]], dtype=np.float32)
 OUTPUTS = ["mean", "std", "epistemic_variance", "aleatoric_variance", "lower_95", "upper_95"]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SlowModel]:
     """'mlp' answers alone; 'crowd' (same weights) waits to merge all CLIENTS requests; 'slow'."""
