@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: interleaved repeats, robust statistics, tables.
+"""Helpers shared by the benchmarks: interleaved repeats, robust statistics, tables, threads, GC.
 
 Absolute times on shared CPUs drift, so every benchmark runs its ways round-robin within
 each repeat (drift hits all alike) and reports medians and ratios measured in the same run.
@@ -11,10 +11,28 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's garbage collector held off for one bounded slice, run once after it.
+
+    A full collection of this process's heap stalls every in-flight request for a few hundred
+    ms; that pause belongs to the load generator, not to the server being measured.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.collect()
 
 
 def time_call(fn: Callable[[], object]) -> float:
@@ -110,6 +128,17 @@ def set_threads(threads: int | None) -> None:
         if threads < 1:
             raise ValueError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """set_threads for a block, torch's thread count restored after it (main() in-process)."""
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine() -> dict[str, object]:

@@ -29,8 +29,8 @@ from bench.common import (
     machine,
     noisy,
     repeated,
-    set_threads,
     summarize,
+    torch_threads,
 )
 from service.engine import MCEngine, MCOptions
 from service.masks import keep_mask, quantized_drop_probability
@@ -401,12 +401,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     torch's thread count is restored afterwards, so main() can be called in-process.
     """
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    set_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         report = _run(args)
-    finally:
-        torch.set_num_threads(threads)
     print(json.dumps(report, indent=2) if args.json else render(report))
     return report
 

@@ -6,6 +6,7 @@ No timing assertions: timing claims belong to bench/ and docs/performance.md, no
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import math
 import subprocess
@@ -23,14 +24,35 @@ REAL_WAYS = ("mcdrop", "ceiling", "litserve")  # the ways that run the model
 QUICK_REQUESTS = 24
 
 
-@pytest.fixture(scope="module")
-def bench() -> Iterator[ModuleType]:
-    """bench.server, importable whether or not the repository root is on sys.path."""
+def _bench_module(name: str) -> Iterator[ModuleType]:
+    """bench.<name>, importable whether or not the repository root is on sys.path."""
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(ROOT))
-        import bench.server as module
+        yield importlib.import_module(f"bench.{name}")
 
-        yield module
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    """bench.server: the command line and the run."""
+    yield from _bench_module("server")
+
+
+@pytest.fixture(scope="module")
+def workload() -> Iterator[ModuleType]:
+    """bench.workload: the requests and the checks of their answers."""
+    yield from _bench_module("workload")
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[ModuleType]:
+    """bench.servers: the subprocess servers and their process groups."""
+    yield from _bench_module("servers")
+
+
+@pytest.fixture(scope="module")
+def load() -> Iterator[ModuleType]:
+    """bench.load: the load generator and its statistics."""
+    yield from _bench_module("load")
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +71,14 @@ def report() -> dict[str, Any]:
 
 
 @pytest.mark.slow
-def test_every_way_ran_at_every_level(bench: ModuleType, report: dict[str, Any]) -> None:
+def test_every_way_ran_at_every_level(workload: ModuleType, report: dict[str, Any]) -> None:
     assert report["settings"]["host"] == "127.0.0.1"
     assert report["settings"]["concurrency"] == [1, 4]
     assert report["settings"]["samples"] == 100
-    assert set(report["ways"]) == set(bench.WAYS)
+    assert set(report["ways"]) == set(workload.WAYS)
     assert set(report["results"]) == {"1", "4"}
     for by_way in report["results"].values():
-        assert set(by_way) == set(bench.WAYS)
+        assert set(by_way) == set(workload.WAYS)
         for way, f in by_way.items():
             assert f["errors"] == 0, (way, f["first_error"])
             assert f["valid"] is True
@@ -95,14 +117,14 @@ def test_targets_are_computed_from_the_table(report: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_no_server_process_outlives_the_run(bench: ModuleType, report: dict[str, Any]) -> None:
-    servers = report["servers"]
-    assert set(servers) == {"mcdrop", "litserve", "http_floor"}
-    assert len({s["port"] for s in servers.values()}) == 3
-    for s in servers.values():
+def test_no_server_process_outlives_the_run(servers: ModuleType, report: dict[str, Any]) -> None:
+    started = report["servers"]
+    assert set(started) == {"mcdrop", "litserve", "http_floor"}
+    assert len({s["port"] for s in started.values()}) == 3
+    for s in started.values():
         # Each server led its own process group: nothing of it may still run (an orphan's
         # zombie may wait a moment for init to reap it).
-        members = bench.group_stats(s["pid"])
+        members = servers.group_stats(s["pid"])
         assert members is not None
         assert all(fields[0] == "Z" for fields in members.values()), members
 
@@ -110,35 +132,35 @@ def test_no_server_process_outlives_the_run(bench: ModuleType, report: dict[str,
 # -- the pieces, without servers ----------------------------------------------------------------
 
 
-def test_check_probabilities_rejects_wrong_answers(bench: ModuleType) -> None:
+def test_check_probabilities_rejects_wrong_answers(workload: ModuleType) -> None:
     good = [0.05] * 9 + [0.55]
-    assert bench.check_probabilities(good, "x") == 9
+    assert workload.check_probabilities(good, "x") == 9
     with pytest.raises(ValueError, match="9 probabilities"):
-        bench.check_probabilities(good[:9], "x")
+        workload.check_probabilities(good[:9], "x")
     with pytest.raises(ValueError, match="sum to"):
-        bench.check_probabilities([0.2] * 10, "x")
+        workload.check_probabilities([0.2] * 10, "x")
     with pytest.raises(ValueError, match="finite"):
-        bench.check_probabilities([math.nan, *good[1:]], "x")
+        workload.check_probabilities([math.nan, *good[1:]], "x")
     with pytest.raises(ValueError, match=">= 0"):
-        bench.check_probabilities([-0.05, 0.15, *good[2:]], "x")
+        workload.check_probabilities([-0.05, 0.15, *good[2:]], "x")
 
 
-def test_mcdrop_answer_checks_seed_samples_and_prediction(bench: ModuleType) -> None:
+def test_mcdrop_answer_checks_seed_samples_and_prediction(workload: ModuleType) -> None:
     probs = {str(c): (0.91 if c == 3 else 0.01) for c in range(10)}
     prediction: dict[str, Any] = {"predicted": "3", "probabilities": probs}
     doc = {"samples_used": 100, "seed": 7, "predictions": [prediction]}
-    assert bench.mcdrop_answer(json.dumps(doc).encode(), 7) == 3
+    assert workload.mcdrop_answer(json.dumps(doc).encode(), 7) == 3
     with pytest.raises(ValueError, match="seed"):
-        bench.mcdrop_answer(json.dumps(doc).encode(), 8)
+        workload.mcdrop_answer(json.dumps(doc).encode(), 8)
     prediction["predicted"] = "4"
     with pytest.raises(ValueError, match="predicted"):
-        bench.mcdrop_answer(json.dumps(doc).encode(), 7)
+        workload.mcdrop_answer(json.dumps(doc).encode(), 7)
     with pytest.raises(ValueError, match="probabilities"):
-        bench.litserve_answer(b'{"detail": "oops"}', 0)
+        workload.litserve_answer(b'{"detail": "oops"}', 0)
 
 
-def test_request_bodies_are_one_raw_digit_with_its_seed(bench: ModuleType) -> None:
-    digits = bench.Digits.load()
+def test_request_bodies_are_one_raw_digit_with_its_seed(workload: ModuleType) -> None:
+    digits = workload.Digits.load()
     doc = json.loads(digits.body(5))
     assert doc["samples"] == 100
     assert doc["seed"] == 5
@@ -151,18 +173,18 @@ def test_request_bodies_are_one_raw_digit_with_its_seed(bench: ModuleType) -> No
     assert digits.row(len(digits.labels)).equal(digits.row(0))  # cycles the test split
 
 
-def test_canned_app_answers_valid_probabilities(bench: ModuleType) -> None:
+def test_canned_app_answers_valid_probabilities(servers: ModuleType, workload: ModuleType) -> None:
     async def ask() -> httpx.Response:
-        transport = httpx.ASGITransport(app=bench.canned_app)
+        transport = httpx.ASGITransport(app=servers.canned_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.post("/predict", content=b'{"rows": []}')
 
     response = asyncio.run(ask())
     assert response.status_code == 200
-    assert bench.litserve_answer(response.content, 0) == 0
+    assert workload.litserve_answer(response.content, 0) == 0
 
 
-def test_engine_counters_read_the_digits_histograms(bench: ModuleType) -> None:
+def test_engine_counters_read_the_digits_histograms(load: ModuleType) -> None:
     text = "\n".join(
         [
             "# TYPE mcdrop_batch_rows histogram",
@@ -173,22 +195,22 @@ def test_engine_counters_read_the_digits_histograms(bench: ModuleType) -> None:
             "",
         ]
     )
-    counters = bench.engine_counters(text)
+    counters = load.engine_counters(text)
     assert counters == {"mcdrop_batch_rows_count": 3.0, "mcdrop_batch_rows_sum": 12.0}
-    figures = bench.server_figures(counters)
+    figures = load.server_figures(counters)
     assert figures["engine_calls"] == 3.0
     assert figures["mean_batch_rows"] == 4.0
     assert figures["compute_ms_per_call"] is None
-    assert bench.server_figures({}) is None
+    assert load.server_figures({}) is None
 
 
-def test_percentile_interpolates(bench: ModuleType) -> None:
-    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert bench.percentile([1.0, 2.0], 50) == 1.5
-    assert bench.percentile([5.0], 99) == 5.0
-    assert math.isclose(bench.percentile(list(map(float, range(101))), 99), 99.0)
+def test_percentile_interpolates(load: ModuleType) -> None:
+    assert load.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert load.percentile([1.0, 2.0], 50) == 1.5
+    assert load.percentile([5.0], 99) == 5.0
+    assert math.isclose(load.percentile(list(map(float, range(101))), 99), 99.0)
     with pytest.raises(ValueError, match="no values"):
-        bench.percentile([], 50)
+        load.percentile([], 50)
 
 
 @pytest.mark.parametrize(
