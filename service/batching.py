@@ -19,6 +19,7 @@ from service.engine import MCRequest, batch_key
 from service.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.model import ServedModel
+from service.recent import RecentUncertainty
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class BatchWorker:
         max_batch_delay_s: float,
         queue_size: int,
         metrics: Metrics | None = None,
+        recent: RecentUncertainty | None = None,
     ) -> None:
         self.name = name
         self.model = model
@@ -80,6 +82,7 @@ class BatchWorker:
         self.max_delay = max_batch_delay_s
         self.queue_size = queue_size
         self.metrics = metrics
+        self.recent = recent
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -199,6 +202,10 @@ class BatchWorker:
             )
             for result in results:
                 self.metrics.observe_summary(self.name, result)
+        if self.recent is not None:  # likewise, so /recent after an answer includes it
+            version = self.model.spec.version
+            for result in results:
+                self.recent.record(result, version=version)
         for job, result in zip(jobs, results, strict=True):
             job.settle(result)
 

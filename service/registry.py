@@ -27,6 +27,7 @@ from service.errors import DeadlineExceeded, ModelLoadError, ModelNotFound
 from service.manifest import MANIFEST_NAME, ModelSpec
 from service.metrics import Metrics
 from service.model import ServedModel
+from service.recent import RecentUncertainty
 from service.repository import scan_repository
 from service.uncertainty import Summary
 
@@ -48,11 +49,12 @@ class ModelStatus:
 
 @dataclass
 class ModelEntry:
-    """One loaded model version and the worker that runs it."""
+    """One loaded model version, the worker that runs it, and the model's recent uncertainty."""
 
     model: ServedModel
     worker: BatchWorker
     fingerprint: str
+    recent: RecentUncertainty  # handed on to the next version while the task stays the same
 
 
 def fingerprint(folder: Path) -> str:
@@ -164,6 +166,9 @@ class ModelRegistry:
         finally:
             self._loading.discard(name)
         batching = model.spec.batching
+        recent = RecentUncertainty(model.spec.task)
+        if old is not None and old.recent.task == recent.task:
+            recent = old.recent  # a new version of the same model keeps its history
         worker = BatchWorker(
             name,
             model,
@@ -174,8 +179,9 @@ class ModelRegistry:
             ) / 1000.0,
             queue_size=self.settings.queue_size,
             metrics=self.metrics,
+            recent=recent,
         )  # fmt: skip
-        self._entries[name] = ModelEntry(model, worker, mark)
+        self._entries[name] = ModelEntry(model, worker, mark, recent)
         self._errors.pop(name, None)
         self._failed.pop(name, None)
         self.metrics.set_models_loaded(len(self._entries))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from http_helpers import (
     copy_shipped,
     error_of,
     serve,
+    set_version,
     settings_for,
     write_slow_model,
 )
@@ -248,3 +250,167 @@ async def test_timeout_ms_gives_504_and_the_late_work_is_never_computed(tmp_path
     assert "timeout_ms" in error_of(bad, 422)
     assert 2.0 not in slow.computed()
     assert 3.0 in slow.computed()
+
+
+# -- live view: recent uncertainty and latest calibration ---------------------------------------
+
+
+def stds(answer: dict[str, Any]) -> list[float]:
+    """Every std of a predict answer (rows x outputs)."""
+    return [out["std"] for row in answer["predictions"] for out in row.values()]
+
+
+async def test_recent_holds_the_uncertainty_of_each_answered_prediction(repo: Path) -> None:
+    images = (np.arange(3 * 64).reshape(3, 1, 8, 8) % 13).astype(float).tolist()
+    async with serve(settings_for(repo)) as (_, client):
+        empty = (await client.get("/v1/models/mlp/recent")).json()
+        before = time.time()
+        answers = [
+            (await client.post(PREDICT, json={"rows": rows, "samples": n, "seed": 5})).json()
+            for rows, n in ((ROWS, 16), (ROWS[:1], 32), (ROWS[1:], 8))
+        ]
+        digits = await client.post(
+            "/v1/models/digits/predict", json={"rows": images, "samples": 12, "seed": 1}
+        )
+        after = time.time()
+        recent = await client.get("/v1/models/mlp/recent")
+        recent_digits = (await client.get("/v1/models/digits/recent")).json()
+    assert empty == {"model": "mlp", "task": "regression", "capacity": 1000, "entries": []}
+    assert recent.status_code == 200, recent.text
+    doc = recent.json()
+    assert (doc["model"], doc["task"], doc["capacity"]) == ("mlp", "regression", 1000)
+    entries = doc["entries"]
+    assert [(e["rows"], e["samples"], e["version"]) for e in entries] == [
+        (3, 16, "1"), (1, 32, "1"), (2, 8, "1"),
+    ]  # fmt: skip
+    for entry, answer in zip(entries, answers, strict=True):
+        assert entry["mean_std"] == pytest.approx(sum(stds(answer)) / len(stds(answer)))
+        assert entry["max_std"] == pytest.approx(max(stds(answer)))
+    moments = [e["time"] for e in entries]
+    assert before <= moments[0] <= moments[1] <= moments[2] <= after
+    [entry] = recent_digits["entries"]
+    predictions = digits.json()["predictions"]
+    assert recent_digits["task"] == "classification"
+    assert entry["rows"] == 3
+    for key in ("entropy", "mutual_information", "variation_ratio"):
+        want = sum(p[key] for p in predictions) / 3
+        assert entry[f"mean_{key}"] == pytest.approx(want, rel=1e-6, abs=1e-9), key
+    assert entry["max_mutual_information"] == pytest.approx(
+        max(p["mutual_information"] for p in predictions), rel=1e-6, abs=1e-9
+    )
+
+
+async def test_recent_since_and_limit(repo: Path) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        for seed in range(4):
+            await client.post(PREDICT, json={"rows": ROWS[:1], "seed": seed})
+        entries = (await client.get("/v1/models/mlp/recent")).json()["entries"]
+        since = entries[1]["time"]
+        later = (await client.get("/v1/models/mlp/recent", params={"since": since})).json()
+        newest = (await client.get("/v1/models/mlp/recent", params={"limit": 1})).json()
+        both = await client.get("/v1/models/mlp/recent", params={"since": 0, "limit": 2})
+    assert len(entries) == 4
+    assert later["entries"] == [e for e in entries if e["time"] > since]
+    assert newest["entries"] == entries[-1:]
+    assert both.json()["entries"] == entries[-2:]
+
+
+@pytest.mark.parametrize(
+    ("query", "word"),
+    [
+        pytest.param("since=soon", "since", id="since-text"),
+        pytest.param("since=-1", "since", id="since-negative"),
+        pytest.param("since=nan", "since", id="since-nan"),
+        pytest.param("limit=0", "limit", id="limit-zero"),
+        pytest.param("limit=2.5", "limit", id="limit-fraction"),
+    ],
+)
+async def test_recent_refuses_bad_query_values(repo: Path, query: str, word: str) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        response = await client.get(f"/v1/models/mlp/recent?{query}")
+    assert word in error_of(response, 422)
+
+
+async def test_calibration_is_the_latest_evaluate_report(repo: Path) -> None:
+    xs, ys = [[-1.0], [0.5], [2.0]], [-0.5, 0.2, 0.9]
+    url = "/v1/models/toy-regression"
+    async with serve(settings_for(repo)) as (_, client):
+        missing = await client.get(f"{url}/calibration")
+        before = time.time()
+        first = await client.post(f"{url}/evaluate", json={"rows": xs, "targets": ys, "seed": 1})
+        second = await client.post(
+            f"{url}/evaluate", json={"rows": xs[:2], "targets": ys[:2], "seed": 2}
+        )
+        after = time.time()
+        latest = await client.get(f"{url}/calibration")
+        refused = await client.post(f"{url}/evaluate", json={"rows": xs, "targets": ys[:1]})
+        still = (await client.get(f"{url}/calibration")).json()
+        recent = (await client.get(f"{url}/recent")).json()
+    assert error_of(missing, 404) == "no evaluation has been sent for model 'toy-regression' yet"
+    assert first.status_code == second.status_code == 200
+    doc = latest.json()
+    assert set(doc) == {"model", "time", "report"}
+    assert doc["model"] == "toy-regression"
+    assert doc["report"] == second.json() != first.json()
+    assert before <= doc["time"] <= after
+    error_of(refused, 400)
+    assert still == doc  # a refused evaluation changes nothing
+    assert recent["entries"] == []  # evaluations are not traffic
+
+
+async def test_unknown_model_has_no_recent_or_calibration(repo: Path) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        recent = await client.get("/v1/models/ghost/recent")
+        calibration = await client.get("/v1/models/ghost/calibration")
+    for response in (recent, calibration):
+        assert "ghost" in error_of(response, 404)
+
+
+async def test_recent_survives_a_new_version_and_goes_with_unload(repo: Path) -> None:
+    def rewrite(**changes: Any) -> None:
+        write_mlp_model(repo / "mlp", outputs=("a", "b"), hidden=(16,), dropout=0.2, tau=4.0,
+                        mc={"max_rows": 4}, **changes)  # fmt: skip
+
+    async with serve(settings_for(repo)) as (app, client):
+        registry = app.state.registry
+        await client.post(PREDICT, json={"rows": ROWS[:1]})
+        await client.post("/v1/models/mlp/evaluate", json={"rows": ROWS, "targets": [[0, 0]] * 3})
+        rewrite(seed=3)
+        set_version(repo / "mlp", "2")
+        await registry.index()
+        await client.post(PREDICT, json={"rows": ROWS[:2]})
+        swapped = (await client.get("/v1/models/mlp/recent")).json()
+        kept = await client.get("/v1/models/mlp/calibration")
+        await registry.unload("mlp")
+        gone = await client.get("/v1/models/mlp/recent")
+        await registry.load("mlp")
+        fresh = (await client.get("/v1/models/mlp/recent")).json()
+        fresh_calibration = await client.get("/v1/models/mlp/calibration")
+        rewrite(task="classification")
+        await client.post(PREDICT, json={"rows": ROWS[:1]})
+        await registry.index()
+        other_task = (await client.get("/v1/models/mlp/recent")).json()
+    assert [(e["version"], e["rows"]) for e in swapped["entries"]] == [("1", 1), ("2", 2)]
+    assert kept.json()["report"]["version"] == "1"
+    error_of(gone, 404)
+    assert fresh["entries"] == []
+    error_of(fresh_calibration, 404)
+    assert (other_task["task"], other_task["entries"]) == ("classification", [])
+
+
+async def test_recent_and_calibration_are_open_while_inference_needs_the_token(
+    repo: Path,
+) -> None:
+    token = {"Authorization": "Bearer s3cret"}
+    async with serve(settings_for(repo, inference_token="s3cret")) as (_, client):
+        refused = await client.post(PREDICT, json={"rows": ROWS})
+        await client.post(PREDICT, json={"rows": ROWS}, headers=token)
+        body = {"rows": ROWS, "targets": [[0.0, 1.0]] * 3}
+        evaluate_refused = await client.post("/v1/models/mlp/evaluate", json=body)
+        await client.post("/v1/models/mlp/evaluate", json=body, headers=token)
+        recent = await client.get("/v1/models/mlp/recent")
+        calibration = await client.get("/v1/models/mlp/calibration")
+    error_of(refused, 401)
+    error_of(evaluate_refused, 401)
+    assert [e["rows"] for e in recent.json()["entries"]] == [3]
+    assert calibration.json()["report"]["rows"] == 3

@@ -1,16 +1,21 @@
-"""Native JSON API: rows in, one object per row out; evaluation; the model list."""
+"""Native JSON API: rows in, one object per row out; evaluation; the model list; live views.
+
+The reads of model data (the list, recent uncertainty, latest calibration) are open like
+/metrics: they hold aggregates only, never rows, answers or targets, and run no model. Routes
+that run the model need the inference token when one is set.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import deadline, registry_of, require_inference_token, unless_disconnected
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ModelNotFound
 from service.evaluation import evaluate
 from service.model import ServedModel
 from service.registry import ModelStatus
@@ -125,7 +130,8 @@ async def predict(name: str, body: PredictRequest, request: Request) -> Response
 async def evaluate_model(name: str, body: EvaluateRequest, request: Request) -> dict[str, Any]:
     """Score the model on rows with known targets: the metrics of `mcdrop evaluate`."""
     registry = registry_of(request)
-    model = registry.get(name).model
+    entry = registry.get(name)
+    model, recent = entry.model, entry.recent
     request.state.metric = (name, "evaluate")
     rows, targets = _tensor(body.rows, "rows"), _tensor(body.targets, "targets")
     if len(rows) != len(targets):
@@ -134,6 +140,7 @@ async def evaluate_model(name: str, body: EvaluateRequest, request: Request) -> 
     work = registry.call(name, None, lambda m: evaluate(m, rows, targets, options).as_dict(),
                          deadline(request, body.timeout_ms))  # fmt: skip
     report: dict[str, Any] = await unless_disconnected(request, work)
+    recent.record_calibration(report)  # kept for GET .../calibration (live view)
     return report
 
 
@@ -161,3 +168,33 @@ def model_info(status: ModelStatus) -> ModelInfo:
 async def list_models(request: Request) -> list[ModelInfo]:
     """Every model of the repository with its version, task, state, limits and last error."""
     return [model_info(s) for s in registry_of(request).statuses()]
+
+
+@router.get("/v1/models/{name}/recent")
+async def recent_uncertainty(
+    name: str,
+    request: Request,
+    since: Annotated[
+        float | None,
+        Query(ge=0, allow_inf_nan=False, description="only entries after this unix time (s)"),
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, description="at most the newest n entries")] = None,
+) -> dict[str, Any]:
+    """The uncertainty of the model's recent answered inferences (native and OIP; evaluations
+    are not traffic), oldest first; kept across new versions, dropped when it is unloaded."""
+    recent = registry_of(request).get(name).recent
+    return {
+        "model": name,
+        "task": recent.task,
+        "capacity": recent.capacity,
+        "entries": recent.snapshot(since, limit),
+    }
+
+
+@router.get("/v1/models/{name}/calibration")
+async def latest_calibration(name: str, request: Request) -> dict[str, Any]:
+    """The latest report of POST /v1/models/{name}/evaluate and when it was made (unix s)."""
+    latest = registry_of(request).get(name).recent.latest_calibration
+    if latest is None:
+        raise ModelNotFound(f"no evaluation has been sent for model '{name}' yet")
+    return {"model": name, **latest}
