@@ -103,6 +103,7 @@ def generate_toy_regression(out: Path, *, epochs: int = TOY_EPOCHS, seed: int = 
         input_shape=[1],
         output_names=["y"],
         input_names=["x"],
+        training_ranges=TOY_SEGMENTS,
         description=(
             f"Toy 1-D heteroscedastic regression, y = sin(1.5x) + 0.3x + noise whose std grows "
             f"with |x|. Trained on x in [{a}, {b}] and [{c}, {d}] only: the gap ({b}, {c}) and "

@@ -34,6 +34,7 @@ def write_model_folder(
     architecture: str | None = None,
     config: Mapping[str, Any] | None = None,
     input_names: Sequence[str] | None = None,
+    training_ranges: Sequence[tuple[float, float]] | None = None,
     description: str = "",
     version: str = "1",
     mc: Mapping[str, Any] | None = None,
@@ -70,6 +71,8 @@ def write_model_folder(
     input_section: dict[str, Any] = {"shape": list(input_shape), "dtype": "float32"}
     if input_names is not None:
         input_section["names"] = list(input_names)
+    if training_ranges is not None:
+        input_section["training_ranges"] = [list(r) for r in training_ranges]
     document: dict[str, Any] = {
         "name": name,
         "version": version,

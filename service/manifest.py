@@ -25,6 +25,9 @@ class InputSpec(_Strict):
     shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
     dtype: Literal["float32", "float64"] = "float32"
     names: list[str] | None = None
+    training_ranges: list[tuple[float, float]] | None = Field(
+        None, description="1-D inputs: the intervals the training data covered (for plots)"
+    )
 
 
 class OutputSpec(_Strict):

@@ -80,6 +80,9 @@ class ModelInfo(BaseModel):
     version: str | None = None
     task: str | None = None
     input_shape: list[int] | None = None
+    input_names: list[str] | None = None
+    training_ranges: list[tuple[float, float]] | None = None
+    description: str | None = None
     outputs: list[str] | None = None
     default_samples: int | None = None
     max_samples: int | None = None
@@ -155,6 +158,9 @@ def model_info(status: ModelStatus) -> ModelInfo:
         version=spec.version,
         task=spec.task,
         input_shape=list(spec.input.shape),
+        input_names=spec.input.names,
+        training_ranges=spec.input.training_ranges,
+        description=spec.description,
         outputs=list(spec.output.names),
         default_samples=spec.mc.default_samples,
         max_samples=spec.mc.max_samples,
