@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service import __version__
-from service.api import admin, native, oip
+from service.api import admin, dashboard, native, oip
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.config import Settings
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip.router)
     app.include_router(native.router)
     app.include_router(admin.router)
+    app.include_router(dashboard.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

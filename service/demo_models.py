@@ -8,6 +8,7 @@ bundled 8x8 digits, uncertain about rotated or noisy digits. Each trains in seco
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -174,6 +175,30 @@ def generate_digits(out: Path, *, epochs: int = DIGITS_EPOCHS, seed: int = 0) ->
         ),
         mc={"default_samples": 100},
     )
+
+
+TEST_DIGITS_PER_CLASS = 3
+
+
+def write_test_digits(path: Path, per_class: int = TEST_DIGITS_PER_CLASS) -> Path:
+    """Write the dashboard's test digits: the first held-out images (index % 4 == 0) of each class.
+
+    JSON list of {"index": sklearn index, "label": int, "pixels": 8 x 8 raw values 0..16}.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    picked: list[dict[str, object]] = []
+    counts = dict.fromkeys(range(10), 0)
+    for index in range(0, len(digits.images), 4):
+        label = int(digits.target[index])
+        if counts[label] < per_class:
+            counts[label] += 1
+            pixels = [[int(v) for v in row] for row in digits.images[index]]
+            picked.append({"index": index, "label": label, "pixels": pixels})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(picked, separators=(",", ":")) + "\n", encoding="utf-8")
+    return path
 
 
 # --- the demo (`mcdrop demo`, `make serve`) --------------------------------------------------
