@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve demo test lint unit bench models clean
+.PHONY: serve demo test lint unit browser bench models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,21 @@ lint: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest
 
-test: lint unit
+# Debian's chromium for tests/test_dashboard_browser.py (python playwright drives it; never
+# `playwright install`). Installed when missing and we can (root with apt-get); otherwise those
+# tests skip with the reason. This step never fails `make test`.
+browser:
+	@if [ -x /usr/bin/chromium ]; then \
+		echo "browser: /usr/bin/chromium is present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: installing Debian's chromium (apt-get) for the browser tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+			|| echo "browser: could not install chromium; the browser tests will be skipped"; \
+	else \
+		echo "browser: /usr/bin/chromium missing and not root with apt-get; the browser tests will be skipped"; \
+	fi
+
+test: browser lint unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
