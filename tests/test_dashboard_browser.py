@@ -8,6 +8,7 @@ reproducible, so the page's request sent again must give the page's answer.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ PROBLEM = browser_problem()
 if PROBLEM is not None:
     pytest.skip(f"browser tests skipped: {PROBLEM}", allow_module_level=True)
 
+from conftest import write_mlp_model  # noqa: E402
 from http_helpers import ServerProcess, copy_shipped, start_server  # noqa: E402
 from playwright.sync_api import Browser, sync_playwright  # noqa: E402
 
@@ -27,6 +29,10 @@ pytestmark = pytest.mark.slow
 
 VIEWS = ("#view-regression-1d", "#view-regression", "#view-classification")
 SWEEP_ANGLES = list(range(-90, 91, 15))
+FEATURES = [0.5, -1.25, 2.0]  # typed into the "tabular" model's #feature-form
+SUMMARY = re.compile(
+    r"mean (?P<mean>\S+), std (?P<std>\S+) .*95% interval \[(?P<lo>\S+), (?P<hi>\S+)\]"
+)
 
 
 # -- fixtures ------------------------------------------------------------------------------
@@ -34,9 +40,11 @@ SWEEP_ANGLES = list(range(-90, 91, 15))
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """uvicorn over a copy of the shipped models, on the CPU."""
+    """uvicorn over copies of the shipped models plus "tabular" (3 inputs, regression), on CPU."""
     root = tmp_path_factory.mktemp("dashboard")
     repository = copy_shipped(root / "models", "digits", "toy-regression")
+    write_mlp_model(repository / "tabular", in_features=len(FEATURES), outputs=("price",),
+                    tau=4.0, hidden=(16,), dropout=0.2)  # fmt: skip
     process = start_server(repository, root / "server.log")
     try:
         yield process
@@ -263,6 +271,38 @@ def test_classification_view_matches_api(
     assert not dash.errors, "\n".join(dash.errors)
 
 
+def test_regression_many_view_matches_api(dash: Dashboard, api: httpx.Client, shots: Path) -> None:
+    dash.pick_model("tabular")
+    only_view(dash, "#view-regression")
+    inputs = dash.page.locator("#feature-form input")
+    names = [inputs.nth(i).get_attribute("name") for i in range(inputs.count())]
+    assert names == [f"feature-{i}" for i in range(len(FEATURES))], names
+    hist = dash.signature("#predictive-hist")
+    for i, value in enumerate(FEATURES):
+        dash.set_value(f'#feature-form input[name="feature-{i}"]', str(value))
+    since = dash.count()
+    dash.page.click("#predict-button")
+    calls = dash.wait_predictions(since)
+    assert len(calls) == 1, [c.request for c in calls]
+    call = calls[0]
+    assert call.path == "/v1/models/tabular/predict", call.path
+    assert call.request["rows"] == [FEATURES], call.request
+    assert call.status == 200, call.response
+    replayed = replay(api, call)
+    assert replayed == call.response
+    answer = replayed["predictions"][0]["price"]
+    shown = SUMMARY.search(dash.text("#predictive-summary"))
+    assert shown is not None, dash.text("#predictive-summary")
+    lo, hi = answer["intervals"]["0.95"]["gaussian"]
+    expected = {"mean": answer["mean"], "std": answer["std"], "lo": lo, "hi": hi}
+    for key, value in expected.items():
+        assert shown[key] == f"{value:.3f}", (key, shown[key], value)
+    assert dash.ink("#predictive-hist") > 0
+    assert dash.signature("#predictive-hist") != hist  # redrawn for the new feature vector
+    dash.screenshot(shots, "regression-many")
+    assert not dash.errors, "\n".join(dash.errors)
+
+
 def test_drawing_changes_prediction(dash: Dashboard, api: httpx.Client) -> None:
     dash.pick_model("digits")
     since = dash.count()
@@ -370,7 +410,7 @@ def test_live_view_and_calibration(
 @pytest.mark.parametrize("viewport", [WIDE, NARROW], ids=["1280x800", "400x800"])
 def test_layout_fits_the_screen(dash: Dashboard, viewport: dict[str, int], shots: Path) -> None:
     dash.page.set_viewport_size(viewport)  # type: ignore[arg-type]
-    for model in ("toy-regression", "digits"):
+    for model in ("toy-regression", "tabular", "digits"):
         dash.pick_model(model)
         scroll, inner = dash.overflow()
         assert scroll <= inner, f"{model} at {viewport}: page {scroll} px wide in {inner} px"
