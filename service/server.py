@@ -22,7 +22,7 @@ def urls(settings: Settings) -> dict[str, str]:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     base = f"http://{host}:{settings.port}"
     return {"api": base, "docs": f"{base}/docs", "health": f"{base}/v2/health/ready",
-            "metrics": f"{base}/metrics"}  # fmt: skip
+            "metrics": f"{base}/metrics", "dashboard": f"{base}/dashboard"}  # fmt: skip
 
 
 def serve(settings: Settings) -> None:
@@ -31,8 +31,8 @@ def serve(settings: Settings) -> None:
     where = urls(settings)
     print(
         f"mcdrop: serving {settings.model_repository} on {where['api']}\n"
-        f"  API docs: {where['docs']}\n  health:   {where['health']}\n"
-        f"  metrics:  {where['metrics']}",
+        f"  dashboard: {where['dashboard']}\n  API docs:  {where['docs']}\n"
+        f"  health:    {where['health']}\n  metrics:   {where['metrics']}",
         file=sys.stderr,
         flush=True,
     )
