@@ -180,6 +180,9 @@ def generate_digits(out: Path, *, epochs: int = DIGITS_EPOCHS, seed: int = 0) ->
 TEST_DIGITS_PER_CLASS = 3
 
 
+DASHBOARD_DIGITS = Path(__file__).parent / "static" / "dashboard" / "digits-test.json"
+
+
 def write_test_digits(path: Path, per_class: int = TEST_DIGITS_PER_CLASS) -> Path:
     """Write the dashboard's test digits: the first held-out images (index % 4 == 0) of each class.
 
@@ -302,11 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.demo_models", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("models"), help="model repository")
     parser.add_argument("--only", choices=sorted(GENERATORS), help="regenerate one model")
+    parser.add_argument(
+        "--test-digits", type=Path, default=DASHBOARD_DIGITS, help="the dashboard's test digits"
+    )
     args = parser.parse_args(argv)
     for name in [args.only] if args.only else list(GENERATORS):
         folder = GENERATORS[name](args.out)
         size = sum(p.stat().st_size for p in folder.iterdir())
         print(f"wrote {folder} ({size / 1024:.0f} KiB)")
+    if args.only in (None, "digits"):
+        print(f"wrote {write_test_digits(args.test_digits)}")
     return 0
 
 
