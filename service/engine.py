@@ -9,7 +9,6 @@ aligned, which keeps CPU GEMM kernels on the same code path for every row.
 from __future__ import annotations
 
 import itertools
-import logging
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from service.uncertainty import (
     rows_of,
     validate_levels,
 )
-
-log = logging.getLogger(__name__)
 
 Task = Literal["regression", "classification"]
 MaskMode = Literal["independent", "shared"]

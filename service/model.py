@@ -121,10 +121,10 @@ class ServedModel:
         if rows.shape[0] > self.spec.mc.max_rows:
             raise LimitExceeded(f"input: {rows.shape[0]} rows is above this model's maximum of "
                                 f"{self.spec.mc.max_rows}")  # fmt: skip
-        if not bool(torch.isfinite(rows).all()):
-            raise InvalidInput("input: contains NaN or infinite values")
         x = rows.to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        if not bool(torch.isfinite(x).all()):  # one check covers NaN, inf and float32 overflow
+            if not bool(torch.isfinite(rows).all()):
+                raise InvalidInput("input: contains NaN or infinite values")
             raise InvalidInput("input: values beyond the float32 range")
         if self.input_mean is not None and self.input_std is not None:
             x = (x - self.input_mean) / self.input_std

@@ -241,16 +241,12 @@ class ModelRegistry:
         deadline: float | None = None,
     ) -> Summary:
         """Run one request through the model's batching worker (validated first)."""
-        for _ in range(3):
-            entry = self.get(name, version)
-            request = entry.model.request(rows, options, targets)
-            try:
-                future = entry.worker.submit(request, deadline)
-            except WorkerClosed:
-                continue  # swapped while we looked it up: the successor takes it
-            result: Summary = await _await(future, deadline)
-            return result
-        raise WorkerClosed(f"model '{name}' is being replaced; retry")
+
+        def submit(entry: ModelEntry) -> asyncio.Future[Any]:
+            return entry.worker.submit(entry.model.request(rows, options, targets), deadline)
+
+        result: Summary = await self._on_worker(name, version, submit, deadline)
+        return result
 
     async def call(
         self,
@@ -260,12 +256,25 @@ class ModelRegistry:
         deadline: float | None = None,
     ) -> Any:
         """Run fn(model) on the model's worker thread (alone)."""
+
+        def submit(entry: ModelEntry) -> asyncio.Future[Any]:
+            return entry.worker.submit_call(functools.partial(fn, entry.model), deadline)
+
+        return await self._on_worker(name, version, submit, deadline)
+
+    async def _on_worker(
+        self,
+        name: str,
+        version: str | None,
+        submit: Callable[[ModelEntry], asyncio.Future[Any]],
+        deadline: float | None,
+    ) -> Any:
+        """Submit to the serving entry's worker; if a swap retired it, to its successor."""
         for _ in range(3):
-            entry = self.get(name, version)
             try:
-                future = entry.worker.submit_call(functools.partial(fn, entry.model), deadline)
+                future = submit(self.get(name, version))
             except WorkerClosed:
-                continue
+                continue  # swapped while we looked it up: the successor takes it
             return await _await(future, deadline)
         raise WorkerClosed(f"model '{name}' is being replaced; retry")
 

@@ -7,6 +7,7 @@ the batch dimension, so every row's samples form one contiguous, aligned block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -193,7 +194,7 @@ def multihead_attention(
     attn_mask: Tensor | None,
     average_attn_weights: bool,
     is_causal: bool,
-    drop: object,
+    drop: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, Tensor | None]:
     """Explicit MultiheadAttention forward whose attention-weight dropout is `drop`."""
     if not mha.batch_first:
@@ -230,7 +231,7 @@ def multihead_attention(
         else:
             mask = mask + pad_add
     weights = _attention_weights(q, k, mask, is_causal and attn_mask is None, None)
-    weights = drop(weights)  # type: ignore[operator]
+    weights = drop(weights)
     out = (weights @ v).transpose(1, 2).reshape(n, tgt, embed)
     out = mha.out_proj(out)
     if not mha.batch_first:

@@ -199,9 +199,7 @@ def train_regressor(
             val_rows,
             data_loss,
             penalty,
-            config.epochs,
-            config.batch_size,
-            config.lr,
+            config,
             generator,
             progress,
         )
@@ -284,9 +282,7 @@ def train_classifier(
             val_rows,
             nn.functional.cross_entropy,
             penalty,
-            config.epochs,
-            config.batch_size,
-            config.lr,
+            config,
             generator,
             progress,
         )
@@ -314,14 +310,14 @@ def _fit(
     val_rows: Tensor,
     data_loss: Callable[[Tensor, Tensor], Tensor],
     penalty: Callable[[], Tensor],
-    epochs: int,
-    batch_size: int,
-    lr: float,
+    config: TrainConfig | ClassifierConfig,
     generator: torch.Generator,
     progress: bool,
 ) -> list[dict[str, float]]:
-    """Minibatch Adam on data_loss + penalty; shuffles with `generator`. One dict per epoch."""
-    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    """Minibatch Adam (config's epochs, batch_size, lr) on data_loss + penalty; shuffles with
+    `generator`. One dict per epoch."""
+    epochs, batch_size = config.epochs, config.batch_size
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     history: list[dict[str, float]] = []
     bar = tqdm(
         range(epochs),

@@ -13,6 +13,7 @@ from torch import nn
 
 from service.architectures import Activation, build_mlp
 from service.loading import save_weights
+from service.uncertainty import ClassificationSummary, RegressionSummary
 
 
 def toml_value(value: object) -> str:
@@ -114,3 +115,34 @@ def _no_mcdrop_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def anyio_backend() -> str:
     """Async tests run on asyncio (the server's loop)."""
     return "asyncio"
+
+
+def regression_summary(std: Sequence[Sequence[float]], samples: int = 10) -> RegressionSummary:
+    """A hand-made summary whose total std is `std` [B, D] (all of it epistemic)."""
+    s = torch.tensor(std, dtype=torch.float64)
+    return RegressionSummary(
+        mean=torch.zeros_like(s),
+        epistemic_variance=s**2,
+        aleatoric_variance=torch.zeros_like(s),
+        samples_used=samples,
+        seed=0,
+    )
+
+
+def classification_summary(
+    entropy: Sequence[float],
+    expected: Sequence[float],
+    ratio: Sequence[float] | None = None,
+    samples: int = 10,
+) -> ClassificationSummary:
+    """A hand-made two-class summary with these entropies and variation ratios [B]."""
+    n = len(entropy)
+    return ClassificationSummary(
+        probabilities=torch.full((n, 2), 0.5),
+        probabilities_std=torch.zeros(n, 2),
+        entropy=torch.tensor(entropy),
+        expected_entropy=torch.tensor(expected),
+        variation_ratio=torch.zeros(n) if ratio is None else torch.tensor(ratio),
+        samples_used=samples,
+        seed=0,
+    )

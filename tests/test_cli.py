@@ -51,18 +51,17 @@ def _error(capsys: Capsys, argv: list[str]) -> str:
     return err
 
 
+def _train_argv(csv_file: Path, out: Path | str, *extra: str) -> list[str]:
+    """`mcdrop train` on the CSV's columns 0-1 -> 2, writing `out`, plus `extra` flags."""
+    return ["train", "--data", str(csv_file), "--features", "0-1", "--target", "2",
+            "--out", str(out), *extra]  # fmt: skip
+
+
 def _train(csv_file: Path, out: Path, *extra: str) -> int:
     return main(
-        [
-            "train",
-            "--data",
-            str(csv_file),
-            "--features",
-            "0-1",
-            "--target",
-            "2",
-            "--out",
-            str(out),
+        _train_argv(
+            csv_file,
+            out,
             "--hidden",
             "16",
             "--epochs",
@@ -75,7 +74,7 @@ def _train(csv_file: Path, out: Path, *extra: str) -> int:
             "100",
             "--no-progress",
             *extra,
-        ]
+        )
     )
 
 
@@ -139,30 +138,8 @@ def test_train_evaluate_predict_round_trip(csv_file: Path, tmp_path: Path, capsy
 
 def test_heteroscedastic_training_needs_no_tau(csv_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "h"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(csv_file),
-                "--features",
-                "0-1",
-                "--target",
-                "2",
-                "--out",
-                str(out),
-                "--hidden",
-                "8",
-                "--epochs",
-                "2",
-                "--heteroscedastic",
-                "--no-progress",
-                "--name",
-                "hetero",
-            ]
-        )
-        == 0
-    )
+    flags = ["--hidden", "8", "--epochs", "2", "--heteroscedastic", "--no-progress"]
+    assert main(_train_argv(csv_file, out, *flags, "--name", "hetero")) == 0
     spec = ServedModel.load(out, Settings(device="cpu")).spec
     assert spec.name == "hetero"
     assert spec.output.heteroscedastic
@@ -399,25 +376,11 @@ def test_bad_files_and_training_options(csv_file: Path, tmp_path: Path, capsys: 
     )
     assert "--tau is required" in _error(
         capsys,
-        ["train", "--data", str(csv_file), "--features", "0-1", "--target", "2", "--out", "x"],
+        _train_argv(csv_file, "x"),
     )
     assert "dropout" in _error(
         capsys,
-        [
-            "train",
-            "--data",
-            str(csv_file),
-            "--features",
-            "0-1",
-            "--target",
-            "2",
-            "--out",
-            "x",
-            "--tau",
-            "1",
-            "--dropout",
-            "1.5",
-        ],
+        _train_argv(csv_file, "x", "--tau", "1", "--dropout", "1.5"),
     )
     assert not (tmp_path / "x").exists()
 

@@ -6,13 +6,12 @@ import math
 import re
 
 import pytest
-import torch
+from conftest import classification_summary, regression_summary
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics as metrics_module
 from service.metrics import NATS_BUCKETS, Metrics
-from service.uncertainty import ClassificationSummary, RegressionSummary
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -34,31 +33,6 @@ def value(series: Series, name: str, **labels: str) -> float:
 
 def models_in(series: Series) -> set[str]:
     return {dict(labels)["model"] for _, labels in series if "model" in dict(labels)}
-
-
-def regression(std: list[list[float]]) -> RegressionSummary:
-    """A summary whose total std is `std` [B, D]: split evenly into epistemic and aleatoric."""
-    half = torch.tensor(std) ** 2 / 2
-    return RegressionSummary(
-        mean=torch.zeros_like(half),
-        epistemic_variance=half,
-        aleatoric_variance=half,
-        samples_used=10,
-        seed=0,
-    )
-
-
-def classification(entropy: list[float], expected: list[float]) -> ClassificationSummary:
-    n = len(entropy)
-    return ClassificationSummary(
-        probabilities=torch.full((n, 2), 0.5),
-        probabilities_std=torch.zeros(n, 2),
-        entropy=torch.tensor(entropy),
-        expected_entropy=torch.tensor(expected),
-        variation_ratio=torch.zeros(n),
-        samples_used=10,
-        seed=0,
-    )
 
 
 def test_requests_counted_by_status_and_timed_by_endpoint() -> None:
@@ -126,7 +100,7 @@ def test_gauges_and_load_failures() -> None:
 
 def test_predictive_std_every_output_of_every_row_skipping_non_finite() -> None:
     m = Metrics()
-    m.observe_summary("houses", regression([[0.5, 5.0], [0.02, math.nan]]))
+    m.observe_summary("houses", regression_summary([[0.5, 5.0], [0.02, math.nan]]))
     s = scrape(m)
     houses = {"model": "houses"}
     assert value(s, "mcdrop_predictive_std_count", **houses) == 3
@@ -139,7 +113,7 @@ def test_predictive_std_every_output_of_every_row_skipping_non_finite() -> None:
 
 def test_entropy_and_mutual_information_per_row() -> None:
     m = Metrics()
-    m.observe_summary("pets", classification([math.log(2), 0.25], [0.5, 0.25]))
+    m.observe_summary("pets", classification_summary([math.log(2), 0.25], [0.5, 0.25]))
     s = scrape(m)
     pets = {"model": "pets"}
     assert value(s, "mcdrop_entropy_nats_count", **pets) == 2
@@ -181,8 +155,8 @@ def _observe_everything(m: Metrics, model: str) -> None:
     m.observe_batch(model, 2, 2, 10, [0.0, 0.001], 0.01)
     m.set_queue_depth(model, 1)
     m.observe_load_failure(model)
-    m.observe_summary(model, regression([[1.0]]))
-    m.observe_summary(model, classification([0.3], [0.2]))
+    m.observe_summary(model, regression_summary([[1.0]]))
+    m.observe_summary(model, classification_summary([0.3], [0.2]))
 
 
 def test_remove_model_drops_only_its_series() -> None:

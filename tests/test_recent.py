@@ -10,45 +10,15 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import write_mlp_model
+from conftest import classification_summary, regression_summary, write_mlp_model
 from http_helpers import EngineSpy, settings_for
 
 from service.batching import BatchWorker
 from service.engine import MCRequest
 from service.model import ServedModel
 from service.recent import RECENT_CAPACITY, RecentUncertainty
-from service.uncertainty import ClassificationSummary, RegressionSummary
 
-
-def regression(std: list[list[float]], samples: int = 10) -> RegressionSummary:
-    """A hand-made summary whose total std is `std` [B, D] (all of it epistemic)."""
-    s = torch.tensor(std, dtype=torch.float64)
-    return RegressionSummary(
-        mean=torch.zeros_like(s),
-        epistemic_variance=s**2,
-        aleatoric_variance=torch.zeros_like(s),
-        samples_used=samples,
-        seed=0,
-    )
-
-
-def classification(
-    entropy: list[float], expected: list[float], ratio: list[float]
-) -> ClassificationSummary:
-    """A hand-made summary with the given entropy, expected entropy and variation ratio [B]."""
-    n = len(entropy)
-    return ClassificationSummary(
-        probabilities=torch.full((n, 2), 0.5),
-        probabilities_std=torch.zeros(n, 2),
-        entropy=torch.tensor(entropy),
-        expected_entropy=torch.tensor(expected),
-        variation_ratio=torch.tensor(ratio),
-        samples_used=7,
-        seed=0,
-    )
-
-
-ONE = regression([[1.0]])
+ONE = regression_summary([[1.0]])
 
 
 def times(entries: list[dict[str, Any]]) -> list[float]:
@@ -60,7 +30,7 @@ def times(entries: list[dict[str, Any]]) -> list[float]:
 
 def test_a_regression_entry_averages_std_over_rows_and_outputs() -> None:
     recent = RecentUncertainty("regression")
-    recent.record(regression([[0.3, 0.4], [0.0, 0.5]], samples=32), now=12.5, version="3")
+    recent.record(regression_summary([[0.3, 0.4], [0.0, 0.5]], samples=32), now=12.5, version="3")
     assert recent.snapshot() == [
         {"time": 12.5, "version": "3", "rows": 2, "samples": 32,
          "mean_std": pytest.approx(0.3), "max_std": pytest.approx(0.5)},
@@ -69,7 +39,10 @@ def test_a_regression_entry_averages_std_over_rows_and_outputs() -> None:
 
 def test_a_classification_entry_averages_each_measure_over_rows() -> None:
     recent = RecentUncertainty("classification")
-    recent.record(classification([0.6, 0.2, 0.4], [0.5, 0.2, 0.1], [0.25, 0.0, 0.5]), now=1.0)
+    recent.record(
+        classification_summary([0.6, 0.2, 0.4], [0.5, 0.2, 0.1], [0.25, 0.0, 0.5], samples=7),
+        now=1.0,
+    )
     [entry] = recent.snapshot()
     assert entry == {
         "time": 1.0, "version": None, "rows": 3, "samples": 7,
@@ -85,8 +58,8 @@ def test_a_classification_entry_averages_each_measure_over_rows() -> None:
 
 def test_non_finite_values_are_left_out_and_none_when_nothing_is_left() -> None:
     recent = RecentUncertainty("regression")
-    recent.record(regression([[math.nan, 0.2], [math.inf, 0.4]]), now=1.0)
-    recent.record(regression([[math.nan]]), now=2.0)
+    recent.record(regression_summary([[math.nan, 0.2], [math.inf, 0.4]]), now=1.0)
+    recent.record(regression_summary([[math.nan]]), now=2.0)
     first, second = recent.snapshot()
     assert (first["mean_std"], first["max_std"]) == (pytest.approx(0.3), pytest.approx(0.4))
     assert (second["mean_std"], second["max_std"]) == (None, None)
@@ -99,7 +72,7 @@ def test_the_buffer_keeps_only_the_newest_capacity_entries_oldest_first() -> Non
     assert RecentUncertainty("regression").capacity == RECENT_CAPACITY == 1000
     recent = RecentUncertainty("regression", capacity=3)
     for t in range(1, 6):
-        recent.record(regression([[float(t)]]), now=float(t))
+        recent.record(regression_summary([[float(t)]]), now=float(t))
     assert len(recent) == 3
     entries = recent.snapshot()
     assert times(entries) == [3.0, 4.0, 5.0]
@@ -133,7 +106,7 @@ def test_a_snapshot_is_a_copy() -> None:
 
 def test_concurrent_records_lose_nothing_and_keep_each_thread_in_order() -> None:
     threads, each = 8, 400
-    summary = regression([[0.5, 1.5]])
+    summary = regression_summary([[0.5, 1.5]])
     full = RecentUncertainty("regression", capacity=threads * each)
     small = RecentUncertainty("regression", capacity=500)
     start = threading.Barrier(threads + 1)
