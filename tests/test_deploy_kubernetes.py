@@ -564,7 +564,8 @@ BROKEN: list[tuple[str, str, Callable[[Doc], object], str]] = [
     ("kserve misspelt predictor field", KSERVE,
      lambda d: d["spec"]["predictor"].update(minReplica=1), "minReplica"),
     ("kserve framework beside containers", KSERVE,
-     lambda d: d["spec"]["predictor"].update(sklearn={"storageUri": "s3://m"}), "predictor"),
+     lambda d: d["spec"]["predictor"].update(sklearn={"storageUri": "s3://m"}),
+     "should not be valid"),
     ("kserve unknown deployment mode", KSERVE,
      lambda d: d["metadata"]["annotations"].update(
          {"serving.kserve.io/deploymentMode": "Raw"}), "'Raw' is not one of"),
@@ -573,7 +574,7 @@ BROKEN: list[tuple[str, str, Callable[[Doc], object], str]] = [
     ("ray v1alpha1 field", RAY, lambda d: d["spec"].update(serveConfig={}), "serveConfig"),
     ("ray head template typo", RAY,
      lambda d: ray_cluster(d)["headGroupSpec"]["template"]["spec"]["containers"][0].update(
-         imagePullPolcy="Always"), "head"),
+         imagePullPolcy="Always"), "head: spec.containers.0: Additional properties"),
     ("ray worker group without name", RAY,
      lambda d: ray_cluster(d)["workerGroupSpecs"][0].pop("groupName"), "groupName"),
     ("ray start param not a string", RAY,
