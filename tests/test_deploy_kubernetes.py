@@ -9,6 +9,7 @@ service's settings, the security context, the drain time. Broken copies prove ea
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import socket
 import tomllib
@@ -48,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
 RAY_MODULE = ROOT / "service" / "ray_serve.py"
+RAY_OPTIONS = ROOT / "service" / "ray_options.py"
 RAY_IMPORT_PATH = "service.ray_serve:build_app"
 UID = 10001  # the image's non-root user (the container convention; checked against Dockerfile)
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
@@ -657,23 +659,17 @@ def test_ray_service_serves_the_ray_builder() -> None:
         pytest.skip("service/ray_serve.py is not on this branch yet (issue 7, Ray part)")
     module, _, attribute = RAY_IMPORT_PATH.partition(":")
     assert ROOT / Path(*module.split(".")).with_suffix(".py") == RAY_MODULE
+    # Read, not imported: importing it needs Ray, which the test extra does not install.
     tree = ast.parse(RAY_MODULE.read_text(encoding="utf-8"))
-    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert attribute in functions, f"{RAY_MODULE} defines no top-level {attribute}()"
-    builder = functions[attribute]
-    # Ray calls an application builder with the config's args; if they are typed by a model
-    # class of the module, every key the RayService passes must be one of its fields.
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    annotation = builder.args.args[0].annotation if builder.args.args else None
-    if isinstance(annotation, ast.Name) and annotation.id in classes:
-        fields = {
-            n.target.id
-            for n in classes[annotation.id].body
-            if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-        }
-        for ray_service in of_kind(manifests(), "RayService"):
-            for app in serve_config(ray_service.doc)["applications"]:
-                assert set(app.get("args", {})) <= fields, (app["args"], fields)
+    if not RAY_OPTIONS.exists():
+        pytest.skip("service/ray_options.py missing: the builder's args are not validated")
+    # The builder's own argument check (pure, no Ray): every RayService's args must pass it.
+    split_app_args = importlib.import_module("service.ray_options").split_app_args
+    for ray_service in of_kind(manifests(), "RayService"):
+        for app in serve_config(ray_service.doc)["applications"]:
+            split_app_args(app.get("args", {}))
 
 
 def test_ray_version_matches_the_ray_extra() -> None:
