@@ -178,7 +178,7 @@ class MCEngine:
                 "requests in one run must share samples and mask_mode (and not be 'auto')"
             )
         for r in requests:
-            self._check_request(r)
+            self.check_request(r)
         if len(requests) > 1 and any(r.targets is not None for r in requests):
             raise ValueError("targets are only accepted for a single request")
         seeds = [secrets.randbits(63) if o.seed is None else o.seed for o in opts]
@@ -186,7 +186,8 @@ class MCEngine:
             xs = [r.x.to(self.device, self.dtype) for r in requests]
             return self._run(xs, opts, seeds, requests[0].targets)
 
-    def _check_request(self, request: MCRequest) -> None:
+    def check_request(self, request: MCRequest) -> None:
+        """Raise ValueError (naming the field) when rows or targets do not fit this model."""
         x = request.x
         if (
             x.dim() != len(self.input_shape) + 1
@@ -273,7 +274,7 @@ class MCEngine:
         if shard.end > opts.samples:
             raise ValueError(f"shard samples {shard.first}..{shard.end - 1} run past the "
                              f"request's {opts.samples}")  # fmt: skip
-        self._check_request(request)
+        self.check_request(request)
         rows = len(request.x)
         keys = RowKeys([opts.seed] * rows, list(range(rows)), [opts.seed], None)
         with torch.inference_mode():

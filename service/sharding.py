@@ -22,7 +22,7 @@ from service.streaming import BLOCK
 from service.uncertainty import Summary, validate_levels
 
 if TYPE_CHECKING:
-    from service.engine import MCEngine, MCRequest
+    from service.engine import MCEngine, MCOptions, MCRequest
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,25 @@ def run_split(
     assert seed is not None
     opts = request.options
     return finish(head, merge_partials(parts), seed, opts.interval_levels, opts.return_samples)
+
+
+@dataclass(frozen=True)
+class Splitter:
+    """When and where one model's requests are split: above `threshold` fixed samples."""
+
+    executor: ShardExecutor
+    model: ModelRef
+    threshold: int
+
+    def applies(self, options: MCOptions) -> bool:
+        """Whether a request with these options is split ('auto' never is: it runs in rounds)."""
+        return isinstance(options.samples, int) and options.samples > self.threshold
+
+    def run(self, engine: MCEngine, request: MCRequest) -> Summary:
+        """The request's summary, computed in shards (checked here first, so errors are clear)."""
+        request.options.validated()
+        engine.check_request(request)
+        return run_split(self.executor, self.model, engine.head, request)
 
 
 class SerialExecutor:
