@@ -14,6 +14,7 @@ import multiprocessing
 import pickle
 import signal
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class LocalShardPool:
         self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._closed = False
+        self.last_cpu_s: list[float] = []  # CPU seconds of each message of the last call
         self._workers: list[_Worker] = []
         try:
             self._workers = [self._spawn(i) for i in range(workers)]
@@ -144,6 +146,7 @@ class LocalShardPool:
             idle = deque(self._workers)
             busy: dict[Connection, tuple[_Worker, int]] = {}
             results: list[Any] = [None] * len(messages)
+            self.last_cpu_s = [0.0] * len(messages)
             error: ServiceError | None = None
             while pending or busy:
                 while pending and idle and error is None:
@@ -165,7 +168,7 @@ class LocalShardPool:
                     assert isinstance(conn, Connection)
                     worker, i = busy.pop(conn)
                     try:
-                        status, payload = pickle.loads(conn.recv_bytes())
+                        status, payload, cpu_s = pickle.loads(conn.recv_bytes())
                     except (EOFError, OSError):
                         error = error or self._died(worker, what[i])
                         continue
@@ -174,6 +177,7 @@ class LocalShardPool:
                         error = error or ShardFailed(f"{worker.describe()}, {what[i]}: {payload}")
                     else:
                         results[i] = payload
+                        self.last_cpu_s[i] = cpu_s
             if error is not None:
                 raise error
             return results
@@ -214,7 +218,7 @@ class LocalShardPool:
         ready = wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT_S)
         if worker.conn in ready:
             try:
-                status, _ = pickle.loads(worker.conn.recv_bytes())
+                status, _, _ = pickle.loads(worker.conn.recv_bytes())
                 if status == "ready":
                     return
             except (EOFError, OSError):
@@ -244,7 +248,7 @@ def serve_shards(conn: Connection, settings: Settings, threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     torch.set_num_threads(threads)
     engines: OrderedDict[tuple[str, str], MCEngine] = OrderedDict()
-    conn.send_bytes(pickle.dumps(("ready", None)))
+    conn.send_bytes(pickle.dumps(("ready", None, 0.0)))
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -255,10 +259,11 @@ def serve_shards(conn: Connection, settings: Settings, threads: int) -> None:
         _, model, request, shard = message
         try:
             engine = _engine(engines, model, settings)
-            reply: tuple[str, Any] = ("ok", None if shard is None else
-                                      engine.run_shard(request, shard))  # fmt: skip
+            start = time.process_time()
+            result = None if shard is None else engine.run_shard(request, shard)
+            reply: tuple[str, Any, float] = ("ok", result, time.process_time() - start)
         except Exception as exc:
-            reply = ("error", f"{type(exc).__name__}: {exc}")
+            reply = ("error", f"{type(exc).__name__}: {exc}", 0.0)
         conn.send_bytes(pickle.dumps(reply))
 
 
