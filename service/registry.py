@@ -29,7 +29,7 @@ from service.model import ServedModel
 from service.recent import RecentUncertainty
 from service.repository import fingerprint, scan_repository
 from service.shard_pool import LocalShardPool
-from service.sharding import ModelRef, Splitter
+from service.sharding import ModelRef, ShardExecutor, Splitter
 from service.uncertainty import Summary
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ class ModelEntry:
 class ModelRegistry:
     """Loaded models by name; every control operation is serialised."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, shard_executor: ShardExecutor | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.ready = False
@@ -71,14 +73,15 @@ class ModelRegistry:
         self._loading: set[str] = set()
         self._control = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
-        self.shard_pool: LocalShardPool | None = None  # with settings.shard_workers > 0
+        # Splits large-N requests: the one given, else local processes if shard_workers > 0.
+        self.shard_executor = shard_executor
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start the shard workers if configured, load the whole repository, then poll it."""
-        if self.settings.shard_workers > 0:
-            self.shard_pool = await asyncio.to_thread(
+        if self.shard_executor is None and self.settings.shard_workers > 0:
+            self.shard_executor = await asyncio.to_thread(
                 LocalShardPool, self.settings.shard_workers, self.settings
             )
         await self.index()
@@ -94,8 +97,8 @@ class ModelRegistry:
                 await self._poller
         entries, self._entries = list(self._entries.values()), {}
         await asyncio.gather(*(asyncio.to_thread(e.worker.close) for e in entries))
-        if self.shard_pool is not None:
-            await asyncio.to_thread(self.shard_pool.close)
+        if self.shard_executor is not None:
+            await asyncio.to_thread(self.shard_executor.close)
 
     async def _poll(self) -> None:
         while True:
@@ -188,16 +191,16 @@ class ModelRegistry:
             await asyncio.to_thread(old.worker.close)
 
     async def _splitter(self, model: ModelRef) -> Splitter | None:
-        """Split this model's large-N requests over the shard pool (the model preloaded there)."""
-        if self.shard_pool is None:
+        """Split this model's large-N requests over the shard executor (the model preloaded)."""
+        if self.shard_executor is None:
             return None
         try:
-            await asyncio.to_thread(self.shard_pool.preload, model)
+            await asyncio.to_thread(self.shard_executor.preload, model)
         except Exception as exc:  # it serves anyway, unsplit
             log.error("model '%s' will not be split: shard workers failed to load it: %s",
                       model.name, exc)  # fmt: skip
             return None
-        return Splitter(self.shard_pool, model, self.settings.shard_threshold)
+        return Splitter(self.shard_executor, model, self.settings.shard_threshold)
 
     async def _unload(self, name: str) -> None:
         entry = self._entries.pop(name)

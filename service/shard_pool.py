@@ -55,6 +55,7 @@ class _Worker:
     index: int
     process: BaseProcess
     conn: Connection
+    failed: bool = False  # its pipe broke: replace it even if the process lingers
 
     def describe(self) -> str:
         return f"shard worker {self.index} (pid {self.process.pid})"
@@ -183,6 +184,7 @@ class LocalShardPool:
             return results
 
     def _died(self, worker: _Worker, what: str) -> ShardWorkerDied:
+        worker.failed = True
         worker.process.join(timeout=1.0)
         code = worker.process.exitcode
         log.error("%s died (exit code %s) during %s", worker.describe(), code, what)
@@ -193,9 +195,12 @@ class LocalShardPool:
 
     def _replace_dead(self) -> None:
         for i, worker in enumerate(self._workers):
-            if not worker.process.is_alive():
+            if worker.failed or not worker.process.is_alive():
                 log.warning("replacing %s (exit code %s)", worker.describe(),
                             worker.process.exitcode)  # fmt: skip
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(timeout=STOP_TIMEOUT_S)
                 worker.conn.close()
                 self._workers[i] = self._spawn(i)
                 self._await_ready(self._workers[i])

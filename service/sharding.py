@@ -201,6 +201,10 @@ class ShardExecutor(Protocol):
         """Each shard's statistics, in the order of `shards`. request.options.seed is set."""
         ...
 
+    def preload(self, model: ModelRef) -> None:
+        """Get the model ready on the workers before its first request (may do nothing)."""
+        ...
+
     def close(self) -> None:
         """Stop the workers; no call may follow."""
         ...
@@ -270,6 +274,10 @@ class SerialExecutor:
         """Each shard's statistics, computed here in order."""
         engine = self._engine_of(model)
         return [engine.run_shard(request, shard) for shard in shards]
+
+    def preload(self, model: ModelRef) -> None:
+        """Load the model's engine now."""
+        self._engine_of(model)
 
     def close(self) -> None:
         """Nothing to stop."""

@@ -63,6 +63,7 @@ def test_a_missing_ray_module_is_reported_not_hidden(report: dict[str, Any]) -> 
 def test_the_digits_are_the_shipped_held_out_images(bench: ModuleType) -> None:
     rows = bench.digit_rows(16)
     assert tuple(rows.shape) == (16, 1, 8, 8)
-    assert 0 <= float(rows.min()) and float(rows.max()) <= 16
+    assert float(rows.min()) >= 0
+    assert float(rows.max()) <= 16
     with pytest.raises(ValueError, match="--rows"):
         bench.digit_rows(1000)
