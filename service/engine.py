@@ -24,6 +24,7 @@ from service.sites import SampleSelection
 from service.split import SplitProgram
 from service.stochastic import prepare
 from service.streaming import BLOCK, round_up
+from service.tracing import TRACE_LOCK
 from service.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
@@ -182,7 +183,7 @@ class MCEngine:
         if len(requests) > 1 and any(r.targets is not None for r in requests):
             raise ValueError("targets are only accepted for a single request")
         seeds = [secrets.randbits(63) if o.seed is None else o.seed for o in opts]
-        with torch.inference_mode():
+        with torch.inference_mode(), TRACE_LOCK.running():
             xs = [r.x.to(self.device, self.dtype) for r in requests]
             return self._run(xs, opts, seeds, requests[0].targets)
 
@@ -277,7 +278,7 @@ class MCEngine:
         self.check_request(request)
         rows = len(request.x)
         keys = RowKeys([opts.seed] * rows, list(range(rows)), [opts.seed], None)
-        with torch.inference_mode():
+        with torch.inference_mode(), TRACE_LOCK.running():
             boundary = self._prefix([request.x.to(self.device, self.dtype)])
             acc = Accumulators(
                 self.head, rows, opts.samples, opts.return_samples, request.targets,
