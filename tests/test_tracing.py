@@ -11,6 +11,7 @@ from torch import nn
 
 from service.engine import MCEngine, MCOptions
 from service.tracing import TraceLock, symbolic_trace
+from service.uncertainty import RegressionSummary
 
 
 def _started(target: object) -> threading.Thread:
@@ -67,21 +68,28 @@ class _Net(nn.Module):
         self.out = nn.Linear(8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.drop(torch.relu(self.hidden(x))))
+        out: torch.Tensor = self.out(self.drop(torch.relu(self.hidden(x))))
+        return out
 
 
 def test_tracing_while_another_thread_serves_neither_fails_nor_mixes_graphs() -> None:
     torch.manual_seed(0)
     engine = MCEngine(_Net(), task="regression", input_shape=(4,), tau=1.0)
     x = torch.randn(3, 4)
-    expected = engine.run(x, MCOptions(samples=64, seed=1)).mean
+
+    def mean() -> torch.Tensor:
+        summary = engine.run(x, MCOptions(samples=64, seed=1))
+        assert isinstance(summary, RegressionSummary)
+        return summary.mean
+
+    expected = mean()
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def serve() -> None:
         while not stop.is_set():
             try:
-                assert torch.equal(engine.run(x, MCOptions(samples=64, seed=1)).mean, expected)
+                assert torch.equal(mean(), expected)
             except BaseException as exc:  # reported below, from the main thread
                 errors.append(exc)
                 return
