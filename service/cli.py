@@ -7,6 +7,7 @@ User errors print one line to stderr and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -412,7 +413,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = RayOptions(**given)  # validated before Ray is imported: bad flags fail fast
     try:
-        from service import ray_serve
+        ray_serve = importlib.import_module("service.ray_serve")
     except ImportError as exc:
         raise InvalidInput(RAY_MISSING) from exc
     # Replicas may run in another working directory (or on another node): an absolute path.

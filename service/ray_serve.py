@@ -55,13 +55,24 @@ def build_app(args: Mapping[str, Any]) -> Application:
     return application(settings, options)
 
 
-def connect(address: str | None, num_cpus: float | None = None) -> None:
-    """Join the cluster at `address`, or start a local one with no dashboard and no usage stats."""
+def connect(
+    address: str | None, num_cpus: int | None = None, object_store_bytes: int | None = None
+) -> None:
+    """Join the cluster at `address`, or start a local one with no dashboard and no usage stats.
+
+    num_cpus and object_store_bytes size a local cluster (Ray's defaults: every core, and 30%
+    of memory for objects).
+    """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # read by the Ray processes ray.init starts
     if address is not None:
         ray.init(address=address, configure_logging=False)
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_bytes,
+        include_dashboard=False,
+        configure_logging=False,
+    )
 
 
 def start_proxy(host: str, port: int) -> tuple[str, int]:
