@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="bind port (default 8000)")
     sv.add_argument("--workers", type=int, help="server processes (each loads every model)")
+    sv.add_argument("--shard-workers", type=int, help="processes that split large-N requests")
+    sv.add_argument("--shard-threshold", type=int, help="split requests above this many samples")
     sv.add_argument("--max-batch-rows", type=int, help="rows merged per engine call")
     sv.add_argument("--max-batch-delay-ms", type=float, help="wait this long for company")
     sv.add_argument("--queue-size", type=int, help="queued requests per model before 503")
@@ -384,6 +386,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "workers": args.workers,
+        "shard_workers": args.shard_workers,
+        "shard_threshold": args.shard_threshold,
         "max_batch_rows": args.max_batch_rows,
         "max_batch_delay_ms": args.max_batch_delay_ms,
         "queue_size": args.queue_size,
