@@ -154,12 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--replicas", type=int, help="replicas, each loads every model (default 1)")
     scale.add_argument("--autoscale", metavar="MIN:MAX", help="let Ray scale replicas in range")
     ray.add_argument("--ray-address", help="join this cluster ('auto', HOST:PORT); else local")
-    ray.add_argument(
-        "--ray-num-cpus", type=float, help="CPUs per replica (default 1, fractions ok)"
-    )
-    ray.add_argument(
-        "--ray-num-gpus", type=float, help="GPUs per replica (default 0, fractions ok)"
-    )
+    ray.add_argument("--ray-num-cpus", type=float, help="CPUs per replica (default 1)")
+    ray.add_argument("--ray-num-gpus", type=float, help="GPUs per replica (default 0)")
+    ray.add_argument("--ray-shard-actors", type=int, help="per replica, for large-N requests")
     sv.set_defaults(handler=cmd_serve)
 
     models = sub.add_parser("models", help="list the model repository")
@@ -404,6 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "address": args.ray_address,
         "num_cpus": args.ray_num_cpus,
         "num_gpus": args.ray_num_gpus,
+        "shard_actors": args.ray_shard_actors,
     }
     given = {k: v for k, v in ray_flags.items() if v is not None}
     if not args.ray:

@@ -59,6 +59,10 @@ class RayOptions(BaseModel):
         64, ge=1, description="requests one replica takes at once (its batching needs several)"
     )
     address: str | None = Field(None, description="an existing cluster ('auto', HOST:PORT)")
+    shard_actors: int = Field(
+        0, ge=0, description="Ray actors per replica that split large-N requests; 0 = none"
+    )
+    shard_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per shard actor")
 
     @model_validator(mode="before")
     @classmethod

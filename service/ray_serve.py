@@ -22,25 +22,34 @@ from ray.serve import Application
 from service.app import create_app
 from service.config import Settings
 from service.ray_options import APP_NAME, RayOptions, split_app_args
+from service.ray_shards import RayShardExecutor
 from service.server import urls
 
 
 class McdropReplica:
     """One replica: the whole service (models, batching queues, metrics) in a Ray actor."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], shard_actors: int, shard_num_cpus: float) -> None:
         self._settings = Settings(**settings)
+        self._shards = (shard_actors, shard_num_cpus)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this inside the replica, then runs the app's lifespan there."""
-        return create_app(self._settings)
+        app = create_app(self._settings)
+        actors, num_cpus = self._shards
+        if actors:  # large-N requests split over Ray actors instead of local processes
+            app.state.registry.shard_executor = RayShardExecutor(
+                actors, self._settings, num_cpus=num_cpus
+            )
+        return app
 
 
 def application(settings: Settings, options: RayOptions) -> Application:
     """The Serve application: replicas of create_app(settings) as `options` ask."""
     deployment = serve.deployment(**options.deployment_options())(serve.ingress()(McdropReplica))
     # Plain JSON values cross to the replicas; each rebuilds (and revalidates) its Settings.
-    return deployment.bind(settings.model_dump(mode="json", exclude_none=True))
+    values = settings.model_dump(mode="json", exclude_none=True)
+    return deployment.bind(values, options.shard_actors, options.shard_num_cpus)
 
 
 def build_app(args: Mapping[str, Any]) -> Application:
