@@ -71,13 +71,15 @@ def ray_apps(threads: int) -> Iterator[int]:
 
     own = not ray.is_initialized()
     if own:
-        connect(None, num_cpus=CLUSTER_CPUS, object_store_bytes=128 << 20)
+        # No replica logs echoed here: this process is also the load generator (and --json).
+        connect(None, num_cpus=CLUSTER_CPUS, object_store_bytes=128 << 20, log_to_driver=False)
     try:
         _, port = start_proxy(HOST, free_loopback_port())
         settings = Settings(model_repository=ROOT / "models", device="cpu")
         for way, replicas in ((RAY_1, 1), (RAY_2, 2)):
             options = RayOptions(replicas=replicas, num_cpus=float(threads))
-            serve.run(application(settings, options), name=way, route_prefix=PREFIX[way])
+            serve.run(application(settings, options), name=way, route_prefix=PREFIX[way],
+                      logging_config={"enable_access_log": False})  # as uvicorn's here  # fmt: skip
         yield port
     finally:
         for way in PREFIX:

@@ -65,22 +65,26 @@ def build_app(args: Mapping[str, Any]) -> Application:
 
 
 def connect(
-    address: str | None, num_cpus: int | None = None, object_store_bytes: int | None = None
+    address: str | None,
+    num_cpus: int | None = None,
+    object_store_bytes: int | None = None,
+    log_to_driver: bool = True,
 ) -> None:
     """Join the cluster at `address`, or start a local one with no dashboard and no usage stats.
 
     num_cpus and object_store_bytes size a local cluster (Ray's defaults: every core, and 30%
-    of memory for objects).
+    of memory for objects); log_to_driver echoes the replicas' logs here (on stdout).
     """
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # read by the Ray processes ray.init starts
     if address is not None:
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
         return
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=object_store_bytes,
         include_dashboard=False,
         configure_logging=False,
+        log_to_driver=log_to_driver,
     )
 
 
