@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,37 @@ WAYS = {
 PREFIX = {RAY_1: "/r1", RAY_2: "/r2"}
 PREDICT = f"/v1/models/{MODEL}/predict"
 CLUSTER_CPUS = 4  # logical: the two deployments' 3 replicas fit; real cores are what they are
+
+
+def ray_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this machine's Ray processes by role: proxy, replicas, the rest.
+
+    Read from /proc (Linux; empty elsewhere): Ray names its actor processes `ray::<Class>`.
+    """
+    proc = Path("/proc")
+    totals = {"proxy": 0.0, "replicas": 0.0, "ray_other": 0.0}
+    if not proc.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        if cmdline.startswith("ray::ProxyActor"):
+            totals["proxy"] += cpu
+        elif cmdline.startswith("ray::ServeReplica"):
+            totals["replicas"] += cpu
+        elif cmdline.startswith("ray::") or any(
+            name in cmdline for name in ("raylet", "gcs_server", "ray/_private", "ray/dashboard")
+        ):
+            totals["ray_other"] += cpu
+    return totals
 
 
 def unavailable() -> str | None:
@@ -109,6 +141,7 @@ def measure(
     port = free_loopback_port()
     command = uvicorn_command("service.app:create_app", port, factory=True)
     pooled = {c: {way: Slice() for way in WAYS} for c in levels}
+    ray_cpu: dict[int, dict[str, dict[str, float]]] = {c: {} for c in levels}
     server_ctx = launched(UVICORN, command, server_env(threads), port, PREDICT, "/v2/health/ready")
     with server_ctx as server, ray_apps(threads) as ray_port:
         wait_ready([server], 120.0)
@@ -123,8 +156,14 @@ def measure(
             ways = list(WAYS)
             for r in range(rounds):
                 for way in ways[r % len(ways) :] + ways[: r % len(ways)]:
+                    before = ray_cpu_s()
                     part = http_slice(endpoints[way], digits, c, first, per_slice, seconds / rounds)
+                    after = ray_cpu_s()
                     pooled[c][way].add(part)
+                    if way in PREFIX:
+                        spent = ray_cpu[c].setdefault(way, {})
+                        for role, cpu_s in after.items():
+                            spent[role] = spent.get(role, 0.0) + cpu_s - before.get(role, 0.0)
                     if not quick:
                         rate = part.requests / part.wall_s if part.wall_s else 0.0
                         print(f"  c={c} round {r + 1}/{rounds} {way}: {rate:.0f} req/s",
@@ -134,6 +173,12 @@ def measure(
         str(c): {way: figures(s, "request") for way, s in by_way.items()}
         for c, by_way in pooled.items()
     }
+    for c, by_way in ray_cpu.items():  # Ray's CPU ms per request, by process role
+        for way, spent in by_way.items():
+            done = pooled[c][way].requests
+            results[str(c)][way]["ray_cpu_ms_per_request"] = {
+                role: cpu_s / done * 1e3 if done else None for role, cpu_s in spent.items()
+            }
     return {
         "benchmark": "ray_replicas",
         "machine": machine(),
@@ -188,9 +233,19 @@ def render(section: dict[str, Any]) -> str:
     for c, by_way in section["results"].items():
         base = by_way[UVICORN]["throughput_rps"] or math.nan
         for way, f in by_way.items():
+            cpu = f.get("ray_cpu_ms_per_request") or {}
+            server = (
+                f["server_cpu_ms_per_request"]
+                if way == UVICORN
+                else sum(v for v in cpu.values() if v is not None)
+                if cpu
+                else None
+            )
             rows.append([c, way, f"{f['throughput_rps']:.1f}", f"{f['throughput_rps'] / base:.2f}",
                          f"{f['p50_ms']:.1f}" if f["p50_ms"] is not None else "-",
                          f"{f['p99_ms']:.1f}" if f["p99_ms"] is not None else "-",
+                         "-" if server is None else f"{server:.1f}",
+                         "-" if cpu.get("proxy") is None else f"{cpu['proxy']:.1f}",
                          f"{f['errors']}", f"{f['accuracy']:.2f}"])  # fmt: skip
 
     def num(v: float | None, fmt: str) -> str:
@@ -200,8 +255,8 @@ def render(section: dict[str, Any]) -> str:
         f"# Ray Serve replicas: `{settings['model']}`, 1 row x {settings['samples']} samples per "
         f"request, {settings['rounds']} interleaved round(s), 1 torch thread per process",
         "",
-        format_table(["concurrency", "way", "req/s", "vs uvicorn", "p50 ms", "p99 ms", "errors",
-                      "accuracy"], rows),
+        format_table(["concurrency", "way", "req/s", "vs uvicorn", "p50 ms", "p99 ms",
+                      "server CPU ms/req", "of it proxy", "errors", "accuracy"], rows),
         "",
         f"2 replicas vs 1 at concurrency {s['throughput_concurrency']}: "
         f"{num(s['replicas_2_vs_1_throughput'], '.2f')}x throughput; 1 Ray replica vs uvicorn: "

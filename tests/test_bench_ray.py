@@ -49,6 +49,10 @@ def test_quick_run_measures_every_way_with_checked_answers(
             assert way["requests"] > 0
             assert way["accuracy"] > 0.5  # real answers of the digits model, checked one by one
             assert way["p50_ms"] > 0
+            if name != rr.UVICORN:  # Ray's processes did the work, the proxy among them
+                cpu = way["ray_cpu_ms_per_request"]
+                assert cpu["proxy"] > 0
+                assert cpu["replicas"] > 0
     summary = section["summary"]
     assert summary["valid"]
     assert summary["replicas_2_vs_1_throughput"] > 0
