@@ -70,6 +70,13 @@ def executor(ray_cluster: RayCluster) -> Iterator[object]:
         shards.close()
 
 
+def free_cpus() -> float:
+    """Logical CPUs of the cluster that nothing reserves now."""
+    import ray
+
+    return float(ray.available_resources().get("CPU", 0.0))
+
+
 def _ref(folder: Path) -> ModelRef:
     return ModelRef(folder.name, folder, fingerprint(folder))
 
@@ -149,6 +156,7 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
 
     from service.ray_shards import RayShardExecutor
 
+    free_before = free_cpus()
     shards = RayShardExecutor(1, Settings(device="cpu"), num_cpus=ACTOR_CPUS)
     try:
         shards.preload(_ref(repo / "reg"))
@@ -165,6 +173,7 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
         assert shards.pids[0] != first_pid  # it really was a new process
     finally:
         shards.close()
+    wait_until(lambda: free_cpus() == pytest.approx(free_before), "close() to free the actor")
 
 
 @pytest.mark.ray
@@ -173,7 +182,6 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
 async def test_a_serve_replica_splits_large_requests_over_ray_actors(
     repo: Path, ray_cluster: RayCluster
 ) -> None:
-    import ray
     from ray import serve as ray_serve
 
     from service.ray_serve import build_app
@@ -181,13 +189,13 @@ async def test_a_serve_replica_splits_large_requests_over_ray_actors(
     args = {"model_repository": str(repo), "device": "cpu", "replicas": 1, "num_cpus": 0.5,
             "shard_actors": ACTORS, "shard_num_cpus": ACTOR_CPUS,
             "shard_threshold": 512}  # fmt: skip
-    free_before = ray.available_resources().get("CPU", 0.0)
+    free_before = free_cpus()
     ray_serve.run(build_app(args), name="mcdrop-sharded", route_prefix="/sharded")
     try:
         # The replica and its shard actors (Ray reports reservations with a small lag).
         wanted = 0.5 + ACTORS * ACTOR_CPUS
-        wait_until(lambda: abs(free_before - ray.available_resources().get("CPU", 0.0) - wanted)
-                   < 1e-6, f"{wanted} CPUs reserved", timeout_s=20)  # fmt: skip
+        wait_until(lambda: free_before - free_cpus() == pytest.approx(wanted),
+                   f"{wanted} CPUs reserved", timeout_s=30)  # fmt: skip
         params = {"mc_samples": 1200, "seed": 5}
         body = oip_body(np.ones((4, 3)), params)
         via_ray = httpx.post(f"{ray_cluster.url}/sharded/v2/models/cls/infer", json=body,
@@ -195,6 +203,8 @@ async def test_a_serve_replica_splits_large_requests_over_ray_actors(
         assert via_ray.status_code == 200, via_ray.text
     finally:
         ray_serve.delete("mcdrop-sharded")
+    # The replica's lifespan closed its executor: its actors went with it.
+    wait_until(lambda: free_cpus() == pytest.approx(free_before), "the actors to be freed")
     async with serve(settings_for(repo)) as (_, client):  # unsplit, in this process
         local = await client.post("/v2/models/cls/infer", json=body)
     split_out, local_out = decode_outputs(via_ray), decode_outputs(local)
