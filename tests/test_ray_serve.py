@@ -201,5 +201,8 @@ def test_metrics_dashboard_docs_and_errors_through_the_proxy(deployed: str) -> N
     assert page.status_code == 200
     assert "<html" in page.text
     assert httpx.get(f"{deployed}/openapi.json", timeout=30).json()["info"]["title"] == "mcdrop"
+    assert httpx.get(f"{deployed}/docs", timeout=30).status_code == 200
+    index = httpx.post(f"{deployed}/v2/repository/index", timeout=30)
+    assert {m["name"] for m in index.json()} == {"digits", "toy-regression", "probe"}
     missing = httpx.post(f"{deployed}/v1/models/nope/predict", json=PREDICT, timeout=30)
     assert "nope" in error_of(missing, 404)
