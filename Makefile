@@ -70,6 +70,7 @@ test: browser lint unit ray-test
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/server.py
+	$(BIN)/python bench/scale.py
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
 	$(BIN)/python -m service.demo_models --out models

@@ -131,7 +131,8 @@ def ray_section(quick: bool, repeats: int) -> dict[str, Any]:
     except ModuleNotFoundError as exc:
         return {"skipped": f"{RAY_MODULE} not importable ({exc.name} missing)"}
     section: dict[str, Any] = module.measure(quick=quick, repeats=repeats)
-    section["rendered"] = module.render(section)
+    if "skipped" not in section:  # e.g. Ray not installed: the reason is printed instead
+        section["rendered"] = module.render(section)
     return section
 
 

@@ -84,6 +84,8 @@ class ModelRegistry:
             self.shard_executor = await asyncio.to_thread(
                 LocalShardPool, self.settings.shard_workers, self.settings
             )
+            log.info("requests above %d samples are split over %d local shard workers",
+                     self.settings.shard_threshold, self.settings.shard_workers)  # fmt: skip
         await self.index()
         self.ready = True
         if self.settings.poll_interval_s > 0:
