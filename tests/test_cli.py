@@ -423,6 +423,13 @@ def test_samples_auto_is_accepted(capsys: Capsys) -> None:
 # --- serve --ray (no cluster: the Ray module is replaced; tests/test_ray_serve.py runs it) ---
 
 
+@pytest.fixture(autouse=True)
+def _never_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray cannot start from these tests, even if a fake below failed to take: `import ray`
+    fails (Ray may start only inside the loopback-only namespace of `make ray-test`)."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
