@@ -47,6 +47,7 @@ def ray_cpu_s() -> dict[str, float]:
     """CPU seconds so far of this machine's Ray processes by role: proxy, replicas, the rest.
 
     Read from /proc (Linux; empty elsewhere): Ray names its actor processes `ray::<Class>`.
+    Every Ray process on the machine counts, so no other Ray cluster should run meanwhile.
     """
     proc = Path("/proc")
     totals = {"proxy": 0.0, "replicas": 0.0, "ray_other": 0.0}
