@@ -256,7 +256,7 @@ class MCEngine:
         mask_mode: MaskMode,
     ) -> None:
         """Run samples start .. end-1 of every row through the suffix into `acc`."""
-        for rows_slice, first, count in self._chunks(len(keys.rows), start, end):
+        for rows_slice, first, count in self._chunks(len(keys.rows), start, end, mask_mode):
             ctx = SamplingContext(
                 self.sites, _slice_keys(keys, rows_slice), first, count, mask_mode, self.device
             )
@@ -322,15 +322,23 @@ class MCEngine:
                 return
             total = min(total * 2, opts.max_samples)
 
-    def _chunks(self, rows: int, start: int, end: int) -> Iterator[tuple[slice, int, int]]:
+    def _chunks(
+        self, rows: int, start: int, end: int, mask_mode: MaskMode
+    ) -> Iterator[tuple[slice, int, int]]:
         """(rows, first sample, sample count) chunks covering samples [start, end) of all rows.
 
-        Sample ranges are whole blocks (the last may run past `end`; those are ignored).
+        Independent masks cost one keyed stream per (row, site, chunk), so chunks take as many
+        samples of few rows as fit; shared masks are drawn once per chunk for all its rows, so
+        chunks take as many rows as fit. Sample ranges are whole blocks (the last may run past
+        `end`; those are ignored).
         """
         per_row_sample = max(self.program.row_elements, 1)
-        fit = self.chunk_elements // per_row_sample  # (row, sample) pairs per chunk
+        fit = max(self.chunk_elements // per_row_sample, BLOCK)  # (row, sample) pairs per chunk
         span = round_up(end) - start
-        samples = min(span, max(BLOCK, (fit // rows) // BLOCK * BLOCK))
+        if mask_mode == "independent":
+            samples = min(span, max(BLOCK, fit // BLOCK * BLOCK))
+        else:
+            samples = min(span, max(BLOCK, (fit // rows) // BLOCK * BLOCK))
         row_step = rows if samples * rows <= fit else max(1, fit // samples)
         for first in range(start, start + span, samples):
             count = min(samples, start + span - first)

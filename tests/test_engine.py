@@ -105,6 +105,29 @@ def test_hundred_thousand_samples_stream_in_bounded_chunks() -> None:
     assert abs(out.epistemic_variance.item() - 2.0) < 0.05  # p/(1-p) * (1 + 1) = 2
 
 
+@pytest.mark.parametrize(("mask_mode", "streams"), [("independent", 40 * 1), ("shared", 4)])
+def test_chunks_draw_each_mask_stream_as_few_times_as_the_budget_allows(
+    mask_mode: str, streams: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Independent masks: one keyed stream per row (all its samples fit a chunk); shared
+    masks: one per chunk of samples, covering every row at once."""
+    import service.masks as masks
+
+    calls: list[int] = []
+    real = masks._row_bits
+
+    def counted(*args: int) -> object:
+        calls.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(masks, "_row_bits", counted)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
+    engine = _regression(model, (3,), chunk_elements=16 * 2560, tau=1.0)
+    opts = MCOptions(samples=256, seed=0, mask_mode=mask_mode)  # type: ignore[arg-type]
+    engine.run(torch.randn(40, 3), opts)  # 40 rows x 256 samples: four times the budget
+    assert len(calls) == streams
+
+
 def _mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.ReLU(),
