@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 
-# Dependencies only (torch first, from its own index), so source edits never reinstall them.
+# Dependencies only (torch first, from its own index), so source edits never reinstall them;
+# torch's own C++ test programs (~150 MB) are dropped.
 FROM base AS deps
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
@@ -33,7 +34,9 @@ RUN python3 -m venv /opt/venv \
     && if ls /build/*.whl >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/build; fi \
     && /opt/venv/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && /opt/venv/bin/python -c "import tomllib; print(*tomllib.load(open('/build/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > /build/requirements.txt \
-    && /opt/venv/bin/pip install --requirement /build/requirements.txt
+    && /opt/venv/bin/pip install --requirement /build/requirements.txt \
+    && site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \
+    && rm -rf "${site}/torch/test" "${site}"/torch/bin/test_* "${site}"/torch/bin/*Test
 
 # The mcdrop package alone, staged under /staging exactly where it lands in the runtime image.
 FROM base AS build
