@@ -33,6 +33,9 @@ BASE_SUITE = "bookworm"
 BASE_PACKAGES = ("python3", "python3-venv")
 BASE_PYTHON = "3.11"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
+# bookworm's glibc is 2.36: wheels for any manylinux up to it (and the legacy aliases) run.
+BASE_PLATFORMS = [f"manylinux_2_{minor}" for minor in range(36, 4, -1)] + [
+    "manylinux2014", "manylinux2010", "manylinux1"]  # fmt: skip
 TRIM = ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man")
 BASE_RECIPE = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
                BASE_SUITE, DEBIAN_MIRROR, *TRIM]  # fmt: skip
@@ -201,7 +204,7 @@ def base_tarball(work: Path, log: Path) -> Path:
         raise DockerUnavailable(f"docker: debootstrap failed:\n{tail(log, 8)}")
     for folder in TRIM:
         for entry in (rootfs / folder).glob("*"):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     partial = tarball.with_suffix(".partial")
     with partial.open("wb") as sink:
         tar = subprocess.Popen(
@@ -232,8 +235,9 @@ def wheels(log: Path) -> Path:
     """
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     requirements = [*project["dependencies"], "setuptools>=68"]  # setuptools: builds mcdrop
-    target = ["--only-binary=:all:", "--python-version", BASE_PYTHON,
-              "--platform", f"manylinux_2_36_{platform.machine()}"]  # fmt: skip
+    target = ["--only-binary=:all:", "--python-version", BASE_PYTHON]
+    for tag in BASE_PLATFORMS:  # pip before 24 does not widen a glibc tag to older ones
+        target += ["--platform", f"{tag}_{platform.machine()}"]
     folder = CACHE / f"wheels-{recipe_key([requirements, target])}"
     if (folder / ".complete").exists():
         return folder

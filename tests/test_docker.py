@@ -188,10 +188,13 @@ def image(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Ite
         context = build_context(work, wheels(log))
     except DockerUnavailable as exc:
         pytest.skip(str(exc))
+    started = time.monotonic()
     done = engine.docker("build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}",
                          "--tag", IMAGE, "--tag", IMAGE_LATEST, context, timeout=3600,
                          log=log)  # fmt: skip
     assert done.returncode == 0, f"docker build failed:\n{tail(log, 40)}"
+    builder = "BuildKit" if engine.buildkit else "the legacy builder"
+    print(f"\ndocker build ({builder}, {engine.client}): {time.monotonic() - started:.0f} s")
     try:
         yield IMAGE
     finally:
@@ -267,7 +270,9 @@ def test_server_is_pid_1_running_as_mcdrop(shipped: Container) -> None:
     status = shipped.exec("cat", "/proc/1/status")
     uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
     assert uids == [UID] * 4, status  # real, effective, saved, filesystem
-    assert shipped.exec("cat", "/proc/1/cmdline").split("\0")[1:3] == ["mcdrop", "serve"]
+    argv = shipped.exec("cat", "/proc/1/cmdline").split("\0")
+    assert Path(argv[0]).name.startswith("python"), argv  # the console script's interpreter
+    assert argv[1:3] == ["/opt/venv/bin/mcdrop", "serve"], argv
     # The host's view of the process (no user-namespace remapping hides root).
     top = shipped.engine.check("top", shipped.name, "-o", "uid,args").splitlines()
     assert [line.split()[0] for line in top[1:]] == [UID], top
@@ -312,7 +317,8 @@ def test_mounted_repository_and_sigterm_during_a_slow_request(
                     f"{container.url}/v2/models/slow/infer", json=oip_body([[1.0]]), timeout=120.0
                 )
             )
-            wait(lambda: 1.0 in slow_repository.computed(), "the request to reach the model")
+            wait(lambda: 1.0 in slow_repository.computed(), "the request to reach the model",
+                 explain=lambda: f"{request}\n{models}\n{container.logs()}")  # fmt: skip
             stop = in_thread(lambda: engine.check("stop", "--time", "60", name, timeout=120))
             wait(lambda: refuses(container.url), "the listener to close after SIGTERM")
             assert container.state()["Running"], "exited before its request finished"
@@ -342,11 +348,16 @@ def in_thread(work: Callable[[], T]) -> Future[T]:
     return future
 
 
-def wait(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
-    """Poll `condition` until true; fail naming `what` otherwise."""
+def wait(
+    condition: Callable[[], bool],
+    what: str,
+    timeout_s: float = 60.0,
+    explain: Callable[[], str] = lambda: "",
+) -> None:
+    """Poll `condition` until true; fail naming `what` (and what `explain` tells) otherwise."""
     give_up = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < give_up, f"timed out waiting for {what}"
+        assert time.monotonic() < give_up, f"timed out waiting for {what}\n{explain()}"
         time.sleep(0.05)
 
 
