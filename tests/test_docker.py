@@ -179,8 +179,8 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
 
 
 @pytest.fixture(scope="module")
-def image(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """mcdrop:0.1.0 built from the local base and cached wheels; removed at the end."""
+def image(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """mcdrop:0.1.0 built from the local base and cached wheels."""
     work = tmp_path_factory.mktemp("image")
     log = work / "build.log"
     try:
@@ -195,11 +195,7 @@ def image(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> Ite
     assert done.returncode == 0, f"docker build failed:\n{tail(log, 40)}"
     builder = "BuildKit" if engine.buildkit else "the legacy builder"
     print(f"\ndocker build ({builder}, {engine.client}): {time.monotonic() - started:.0f} s")
-    try:
-        yield IMAGE
-    finally:
-        engine.docker("rmi", "--force", IMAGE, IMAGE_LATEST, base)
-        engine.docker("image", "prune", "--force")
+    return IMAGE  # removed with the daemon's data root (DockerEngine.stop)
 
 
 @pytest.fixture(scope="module")
@@ -274,8 +270,8 @@ def test_server_is_pid_1_running_as_mcdrop(shipped: Container) -> None:
     assert Path(argv[0]).name.startswith("python"), argv  # the console script's interpreter
     assert argv[1:3] == ["/opt/venv/bin/mcdrop", "serve"], argv
     # The host's view of the process (no user-namespace remapping hides root).
-    top = shipped.engine.check("top", shipped.name, "-o", "uid,args").splitlines()
-    assert [line.split()[0] for line in top[1:]] == [UID], top
+    top = shipped.engine.check("top", shipped.name, "-o", "pid,uid,args").splitlines()
+    assert [line.split()[1] for line in top[1:]] == [UID], top
 
 
 @pytest.mark.docker
@@ -295,7 +291,9 @@ def slow_repository(tmp_path: Path) -> SlowModel:
     slow = write_slow_model(repository / "slow", batching={"max_batch_delay_ms": 0})
     manifest = slow.folder / "model.toml"
     manifest.write_text(manifest.read_text().replace(str(repository), "/models"))
-    repository.chmod(0o777)  # the server (uid 10001) writes slow.log next to the model
+    for path in repository.rglob("*"):  # readable by the server's uid 10001, as README says
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    repository.chmod(0o777)  # and it writes slow.log next to the model
     return slow
 
 
@@ -310,7 +308,7 @@ def test_mounted_repository_and_sigterm_during_a_slow_request(
     try:
         container = start_container(engine, name, "--volume", mount)
         models = httpx.get(f"{container.url}/v1/models", timeout=10.0).json()
-        assert [m["name"] for m in models] == ["slow"], models
+        assert [(m["name"], m["state"]) for m in models] == [("slow", "READY")], models
         with slow_repository.held():
             request = in_thread(
                 lambda: httpx.post(
