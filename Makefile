@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve demo test lint unit browser docker docker-test bench models clean
+.PHONY: serve demo test lint unit browser docker docker-test bench models clean ray-extra ray-test bench-ray
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,11 +64,37 @@ docker:
 docker-test: docker $(STAMP)
 	$(BIN)/pytest tests/test_docker.py tests/test_compose.py
 
-test: browser docker lint unit
+# Ray tests (marker `ray`) in a loopback-only network namespace: Ray's start-up probes outside
+# addresses, and nothing may leave the machine. Without Ray or unshare they skip, saying why.
+RAY_STAMP := $(VENV)/.ray-installed
+NETNS     := unshare -n sh -c 'ip link set lo up && exec "$$@"' sh
+NETNS_ROOTLESS := unshare -rn sh -c 'ip link set lo up && exec "$$@"' sh
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,ray]' && touch $@ \
+		|| echo "ray-extra: could not install '.[ray]'; the Ray tests will be skipped"
+
+ray-extra: $(RAY_STAMP)
+
+ray-test: ray-extra
+	@if $(NETNS) true 2>/dev/null; then \
+		$(NETNS) $(BIN)/pytest -m ray; \
+	elif $(NETNS_ROOTLESS) true 2>/dev/null; then \
+		$(NETNS_ROOTLESS) $(BIN)/pytest -m ray; \
+	else \
+		echo "ray-test: cannot make a loopback-only network namespace (unshare -n): Ray tests skip"; \
+		$(BIN)/pytest -m ray; \
+	fi
+
+bench-ray: ray-extra  ## 1 vs 2 Ray Serve replicas, and Ray's proxy vs plain uvicorn
+	$(NETNS) $(BIN)/python bench/ray_replicas.py
+
+test: browser docker lint unit ray-test
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/server.py
+	$(BIN)/python bench/scale.py
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
 	$(BIN)/python -m service.demo_models --out models

@@ -44,8 +44,10 @@ class Accumulators:
         returned: int,
         targets: Tensor | None,
         device: torch.device,
+        start: int = 0,
     ) -> None:
         self.head = head
+        self.start = start  # first sample index fed in: 0, or a shard's first sample
         quantiles = QUANTILE_SAMPLES if head.task == "regression" else 0
         self.keep = min(max_samples, max(returned, quantiles))
         self.kept: Tensor | None = None
@@ -75,7 +77,7 @@ class Accumulators:
     def update(self, rows: slice, first: int, out: Tensor, total: int) -> None:
         feats, var = self._features(out)
         if self.moments is None:
-            self.moments = StreamingMoments(self.rows, feats.shape[-1], feats.device)
+            self.moments = StreamingMoments(self.rows, feats.shape[-1], feats.device, self.start)
         self.moments.update(rows, first, feats, total)
         if self.keep and first < self.keep:
             self._keep_samples(rows, first, feats, var)
@@ -116,34 +118,65 @@ class Accumulators:
         assert self.moments is not None
         if self._final is None:  # every request of the batch reads its rows of one computation
             self._final = (self.moments.mean, self.moments.variance)
-        mean, var = self._final[0][rows], self._final[1][rows]
         kept = None if self.kept is None else self.kept[rows, : min(n, self.keep)]
-        samples = None if kept is None or not returned else kept[:, :returned]
-        if self.head.task == "classification":
-            return summarize_classification(mean, var, n, seed, samples)
-        eng = self.head
-        d = mean.shape[1] // 2 if eng.heteroscedastic else mean.shape[1]
-        if eng.heteroscedastic:
-            aleatoric = mean[:, d:]
-        elif eng.tau is not None:
-            aleatoric = torch.full_like(mean, 1.0 / eng.tau)
-        else:
-            aleatoric = torch.zeros_like(mean)
-        epistemic = var[:, :d]
-        total = epistemic + aleatoric
-        emp = {}
-        if kept is not None:
-            noise_std = (self.kept_aleatoric[rows, : kept.shape[1]].sqrt()
-                         if self.kept_aleatoric is not None else aleatoric.sqrt())  # fmt: skip
-            emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
-        return RegressionSummary(
-            mean=mean[:, :d],
-            epistemic_variance=epistemic,
-            aleatoric_variance=aleatoric,
-            samples_used=n,
-            seed=seed,
-            gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
-            empirical_intervals=emp,
-            samples=None if samples is None else samples[..., :d],
-            log_likelihood=None if self.loglik is None else self.loglik.value[rows],
+        kept_aleatoric = None
+        if kept is not None and self.kept_aleatoric is not None:
+            kept_aleatoric = self.kept_aleatoric[rows, : kept.shape[1]]
+        return summarize(
+            self.head,
+            self._final[0][rows],
+            self._final[1][rows],
+            n,
+            seed,
+            levels,
+            returned,
+            kept,
+            kept_aleatoric,
+            None if self.loglik is None else self.loglik.value[rows],
         )
+
+
+def summarize(
+    head: OutputHead,
+    mean: Tensor,
+    var: Tensor,
+    n: int,
+    seed: int,
+    levels: tuple[float, ...],
+    returned: int,
+    kept: Tensor | None = None,
+    kept_aleatoric: Tensor | None = None,
+    log_likelihood: Tensor | None = None,
+) -> RegressionSummary | ClassificationSummary:
+    """The summary from feature moments mean, var [B, F] of n samples.
+
+    kept [B, K, F] holds samples 0 .. K-1 (kept_aleatoric [B, K, D] their predicted variances);
+    log_likelihood [B] is the MC-mixture log density of the targets, when given.
+    """
+    samples = None if kept is None or not returned else kept[:, :returned]
+    if head.task == "classification":
+        return summarize_classification(mean, var, n, seed, samples)
+    d = mean.shape[1] // 2 if head.heteroscedastic else mean.shape[1]
+    if head.heteroscedastic:
+        aleatoric = mean[:, d:]
+    elif head.tau is not None:
+        aleatoric = torch.full_like(mean, 1.0 / head.tau)
+    else:
+        aleatoric = torch.zeros_like(mean)
+    epistemic = var[:, :d]
+    total = epistemic + aleatoric
+    emp = {}
+    if kept is not None:
+        noise_std = kept_aleatoric.sqrt() if kept_aleatoric is not None else aleatoric.sqrt()
+        emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
+    return RegressionSummary(
+        mean=mean[:, :d],
+        epistemic_variance=epistemic,
+        aleatoric_variance=aleatoric,
+        samples_used=n,
+        seed=seed,
+        gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
+        empirical_intervals=emp,
+        samples=None if samples is None else samples[..., :d],
+        log_likelihood=log_likelihood,
+    )

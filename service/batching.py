@@ -20,6 +20,8 @@ from service.errors import DeadlineExceeded, Overloaded, ServiceError
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.recent import RecentUncertainty
+from service.sharding import Splitter
+from service.uncertainty import Summary
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +77,10 @@ class BatchWorker:
         queue_size: int,
         metrics: Metrics | None = None,
         recent: RecentUncertainty | None = None,
+        splitter: Splitter | None = None,
     ) -> None:
         self.name = name
+        self.splitter = splitter  # runs requests above its sample threshold in shards
         self.model = model
         self.max_rows = max_batch_rows
         self.max_delay = max_batch_delay_s
@@ -179,6 +183,10 @@ class BatchWorker:
                 jobs[0].settle(error=exc)
             return
         requests = [j.request for j in jobs if j.request is not None]
+        if self.splitter is not None and self.splitter.applies(requests[0].options):
+            for job, request in zip(jobs, requests, strict=True):  # each uses every shard worker
+                self._run_split(job, request, started)
+            return
         t0 = time.monotonic()
         try:
             results = self.model.engine.run_many(requests)
@@ -190,7 +198,28 @@ class BatchWorker:
             for job in jobs:  # one bad request must not take the others down
                 self._run([job], started)
             return
-        compute = time.monotonic() - t0
+        self._answer(jobs, results, started, time.monotonic() - t0)
+
+    def _run_split(self, job: _Job, request: MCRequest, started: float) -> None:
+        """One request above the splitter's threshold, its samples spread over shard workers."""
+        assert self.splitter is not None
+        t0 = time.monotonic()
+        try:
+            result = self.splitter.run(self.model.engine, request)
+        except ServiceError as exc:  # a shard worker died or failed: its message says which
+            log.error("model '%s': split request failed: %s", self.name, exc)
+            job.settle(error=exc)
+            return
+        except Exception:
+            log.exception("model '%s' failed on a split request", self.name)
+            job.settle(error=_internal(self.name))
+            return
+        self._answer([job], [result], started, time.monotonic() - t0)
+
+    def _answer(
+        self, jobs: list[_Job], results: list[Summary], started: float, compute: float
+    ) -> None:
+        """Record the batch's metrics and recent uncertainty, then settle every job."""
         if self.metrics is not None:  # before answering, so a scrape after an answer sees it
             self.metrics.observe_batch(
                 self.name,

@@ -7,6 +7,7 @@ User errors print one line to stderr and exit with status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="bind port (default 8000)")
     sv.add_argument("--workers", type=int, help="server processes (each loads every model)")
+    sv.add_argument("--shard-workers", type=int, help="processes that split large-N requests")
+    sv.add_argument("--shard-threshold", type=int, help="split requests above this many samples")
     sv.add_argument("--max-batch-rows", type=int, help="rows merged per engine call")
     sv.add_argument("--max-batch-delay-ms", type=float, help="wait this long for company")
     sv.add_argument("--queue-size", type=int, help="queued requests per model before 503")
@@ -145,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--control-token", help="bearer token for the repository endpoints")
     sv.add_argument("--inference-token", help="bearer token for inference")
     sv.add_argument("--cors-origin", action="append", help="allowed CORS origin (repeatable)")
+    ray = sv.add_argument_group("Ray Serve (needs: pip install '.[ray]')")
+    ray.add_argument("--ray", action="store_true", help="run the app as Ray Serve replicas")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="replicas, each loads every model (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="let Ray scale replicas in range")
+    ray.add_argument("--ray-address", help="join this cluster ('auto', HOST:PORT); else local")
+    ray.add_argument("--ray-num-cpus", type=float, help="CPUs per replica (default 1)")
+    ray.add_argument("--ray-num-gpus", type=float, help="GPUs per replica (default 0)")
+    ray.add_argument("--ray-shard-actors", type=int, help="per replica, for large-N requests")
     sv.set_defaults(handler=cmd_serve)
 
     models = sub.add_parser("models", help="list the model repository")
@@ -371,6 +383,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "workers": args.workers,
+        "shard_workers": args.shard_workers,
+        "shard_threshold": args.shard_threshold,
         "max_batch_rows": args.max_batch_rows,
         "max_batch_delay_ms": args.max_batch_delay_ms,
         "queue_size": args.queue_size,
@@ -380,7 +394,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "inference_token": args.inference_token,
         "cors_origins": args.cors_origin,
     }
-    serve(Settings(**{k: v for k, v in flags.items() if v is not None}))
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    ray_flags = {
+        "replicas": args.replicas,
+        "autoscaling": args.autoscale,
+        "address": args.ray_address,
+        "num_cpus": args.ray_num_cpus,
+        "num_gpus": args.ray_num_gpus,
+        "shard_actors": args.ray_shard_actors,
+    }
+    given = {k: v for k, v in ray_flags.items() if v is not None}
+    if not args.ray:
+        if given:
+            raise InvalidInput("--replicas, --autoscale and --ray-* need --ray")
+        serve(settings)
+        return 0
+    if args.workers is not None:
+        raise InvalidInput("--workers is for uvicorn; with --ray use --replicas")
+    from service.ray_options import RAY_MISSING, RayOptions
+
+    options = RayOptions(**given)  # validated before Ray is imported: bad flags fail fast
+    try:
+        ray_serve = importlib.import_module("service.ray_serve")
+    except ImportError as exc:
+        raise InvalidInput(RAY_MISSING) from exc
+    # Replicas may run in another working directory (or on another node): an absolute path.
+    ray_serve.run(
+        settings.model_copy(update={"model_repository": settings.model_repository.resolve()}),
+        options,
+    )
     return 0
 
 

@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from service.accumulators import Accumulators, OutputHead
 from service.sampling import RowKeys, SamplingContext, Site
+from service.sharding import PartialStats, Shard
 from service.sites import SampleSelection
 from service.split import SplitProgram
 from service.stochastic import prepare
 from service.streaming import BLOCK, round_up
+from service.tracing import TRACE_LOCK
 from service.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
@@ -177,15 +179,16 @@ class MCEngine:
                 "requests in one run must share samples and mask_mode (and not be 'auto')"
             )
         for r in requests:
-            self._check_request(r)
+            self.check_request(r)
         if len(requests) > 1 and any(r.targets is not None for r in requests):
             raise ValueError("targets are only accepted for a single request")
         seeds = [secrets.randbits(63) if o.seed is None else o.seed for o in opts]
-        with torch.inference_mode():
+        with torch.inference_mode(), TRACE_LOCK.running():
             xs = [r.x.to(self.device, self.dtype) for r in requests]
             return self._run(xs, opts, seeds, requests[0].targets)
 
-    def _check_request(self, request: MCRequest) -> None:
+    def check_request(self, request: MCRequest) -> None:
+        """Raise ValueError (naming the field) when rows or targets do not fit this model."""
         x = request.x
         if (
             x.dim() != len(self.input_shape) + 1
@@ -225,15 +228,7 @@ class MCEngine:
         acc = Accumulators(self.head, rows, max_samples, returned, targets, self.device)
         done = 0
         for round_end in self._rounds(first):
-            for rows_slice, start, count in self._chunks(rows, done, round_end):
-                ctx = SamplingContext(
-                    self.sites, _slice_keys(keys, rows_slice), start, count, first.mask_mode,
-                    self.device,
-                )  # fmt: skip
-                out = self.program.run_suffix(
-                    _rows_of(boundary, self.program.batched, rows_slice), ctx
-                )
-                acc.update(rows_slice, start, out.view(ctx.n_rows, count, -1), round_end)
+            self._sweep(acc, boundary, keys, done, round_end, first.mask_mode)
             done = round_end
             if first.samples == "auto" and acc.converged(first.tolerance):
                 break
@@ -250,6 +245,47 @@ class MCEngine:
                 whole[key] = acc.summary(slice(None), done, seeds[i], *key)
             answers.append(rows_of(whole[key], mine, seeds[i]))
         return answers
+
+    def _sweep(
+        self,
+        acc: Accumulators,
+        boundary: list[Any],
+        keys: RowKeys,
+        start: int,
+        end: int,
+        mask_mode: MaskMode,
+    ) -> None:
+        """Run samples start .. end-1 of every row through the suffix into `acc`."""
+        for rows_slice, first, count in self._chunks(len(keys.rows), start, end):
+            ctx = SamplingContext(
+                self.sites, _slice_keys(keys, rows_slice), first, count, mask_mode, self.device
+            )
+            out = self.program.run_suffix(_rows_of(boundary, self.program.batched, rows_slice), ctx)
+            acc.update(rows_slice, first, out.view(ctx.n_rows, count, -1), end)
+
+    def run_shard(self, request: MCRequest, shard: Shard) -> PartialStats:
+        """Statistics of samples shard.first .. shard.end-1 of one seeded, fixed-N request.
+
+        Masks use the absolute sample indices, so they are exactly those the same samples
+        get in a single run; merge_partials + finish then give that run's summary.
+        """
+        opts = request.options.validated()
+        if opts.seed is None or not isinstance(opts.samples, int):
+            raise ValueError("a shard needs a seeded request with a fixed sample count")
+        if shard.end > opts.samples:
+            raise ValueError(f"shard samples {shard.first}..{shard.end - 1} run past the "
+                             f"request's {opts.samples}")  # fmt: skip
+        self.check_request(request)
+        rows = len(request.x)
+        keys = RowKeys([opts.seed] * rows, list(range(rows)), [opts.seed], None)
+        with torch.inference_mode(), TRACE_LOCK.running():
+            boundary = self._prefix([request.x.to(self.device, self.dtype)])
+            acc = Accumulators(
+                self.head, rows, opts.samples, opts.return_samples, request.targets,
+                self.device, start=shard.first,
+            )  # fmt: skip
+            self._sweep(acc, boundary, keys, shard.first, shard.end, opts.mask_mode)
+            return PartialStats.from_accumulators(acc, shard)
 
     def _prefix(self, xs: list[Tensor]) -> list[Any]:
         """Prefix once per row, each request padded to a multiple of 8 rows and aligned.

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.sampling import SamplingContext, Site, SiteKind
 from service.sites import SampleSelection, select_sites
+from service.tracing import TRACE_LOCK
 
 PROBE_ROWS = 8
 
@@ -95,7 +96,7 @@ def whole_program(
     """Probe the model once to list its dropout calls and their kinds."""
     probe = _DropoutCalls(None)
     x = torch.zeros((PROBE_ROWS, *input_shape), dtype=dtype, device=_device_of(module))
-    with torch.inference_mode(), probe:
+    with torch.inference_mode(), TRACE_LOCK.running(), probe:
         module(x)
     names = [f"dropout_call{i}" for i in range(len(probe.seen))]
     chosen = select_sites(names, sample)

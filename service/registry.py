@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,7 +27,9 @@ from service.manifest import MANIFEST_NAME, ModelSpec
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.recent import RecentUncertainty
-from service.repository import scan_repository
+from service.repository import fingerprint, scan_repository
+from service.shard_pool import LocalShardPool
+from service.sharding import ModelRef, ShardExecutor, Splitter
 from service.uncertainty import Summary
 
 log = logging.getLogger(__name__)
@@ -57,21 +58,12 @@ class ModelEntry:
     recent: RecentUncertainty  # handed on to the next version while the task stays the same
 
 
-def fingerprint(folder: Path) -> str:
-    """Changes whenever a file of the model folder changes (manifest by content, rest by stat)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-        if path.name == MANIFEST_NAME:
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 class ModelRegistry:
     """Loaded models by name; every control operation is serialised."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, shard_executor: ShardExecutor | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.ready = False
@@ -81,11 +73,19 @@ class ModelRegistry:
         self._loading: set[str] = set()
         self._control = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
+        # Splits large-N requests: the one given, else local processes if shard_workers > 0.
+        self.shard_executor = shard_executor
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the whole repository, then poll it if configured."""
+        """Start the shard workers if configured, load the whole repository, then poll it."""
+        if self.shard_executor is None and self.settings.shard_workers > 0:
+            self.shard_executor = await asyncio.to_thread(
+                LocalShardPool, self.settings.shard_workers, self.settings
+            )
+            log.info("requests above %d samples are split over %d local shard workers",
+                     self.settings.shard_threshold, self.settings.shard_workers)  # fmt: skip
         await self.index()
         self.ready = True
         if self.settings.poll_interval_s > 0:
@@ -99,6 +99,8 @@ class ModelRegistry:
                 await self._poller
         entries, self._entries = list(self._entries.values()), {}
         await asyncio.gather(*(asyncio.to_thread(e.worker.close) for e in entries))
+        if self.shard_executor is not None:
+            await asyncio.to_thread(self.shard_executor.close)
 
     async def _poll(self) -> None:
         while True:
@@ -180,6 +182,7 @@ class ModelRegistry:
             queue_size=self.settings.queue_size,
             metrics=self.metrics,
             recent=recent,
+            splitter=await self._splitter(ModelRef(name, folder, mark)),
         )  # fmt: skip
         self._entries[name] = ModelEntry(model, worker, mark, recent)
         self._errors.pop(name, None)
@@ -188,6 +191,18 @@ class ModelRegistry:
         log.info("model '%s' version %s ready", name, model.spec.version)
         if old is not None:
             await asyncio.to_thread(old.worker.close)
+
+    async def _splitter(self, model: ModelRef) -> Splitter | None:
+        """Split this model's large-N requests over the shard executor (the model preloaded)."""
+        if self.shard_executor is None:
+            return None
+        try:
+            await asyncio.to_thread(self.shard_executor.preload, model)
+        except Exception as exc:  # it serves anyway, unsplit
+            log.error("model '%s' will not be split: shard workers failed to load it: %s",
+                      model.name, exc)  # fmt: skip
+            return None
+        return Splitter(self.shard_executor, model, self.settings.shard_threshold)
 
     async def _unload(self, name: str) -> None:
         entry = self._entries.pop(name)

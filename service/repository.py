@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,3 +48,14 @@ def scan_repository(root: Path) -> RepositoryScan:
             continue
         models[spec.name] = (spec, folder)
     return RepositoryScan(models=models, errors=errors)
+
+
+def fingerprint(folder: Path) -> str:
+    """Changes whenever a file of the model folder changes (manifest by content, rest by stat)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        if path.name == MANIFEST_NAME:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()

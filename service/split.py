@@ -18,6 +18,7 @@ from torch import Tensor, fx, nn
 from service.errors import ModelLoadError
 from service.sampling import SamplingContext, Site
 from service.sites import ELEMENTWISE, SampleSelection, find_sites, select_sites
+from service.tracing import TRACE_LOCK, symbolic_trace
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _probe(gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype)
                 return out
 
         gen = torch.Generator().manual_seed(0)
-        with torch.inference_mode():
+        with torch.inference_mode(), TRACE_LOCK.running():
             _Recorder(gm).run(torch.randn((batch, *input_shape), generator=gen, dtype=dtype))
         runs.append(seen)
     for node in gm.graph.nodes:
@@ -97,7 +98,7 @@ def split_program(
     module: nn.Module, input_shape: tuple[int, ...], sample: SampleSelection, dtype: torch.dtype
 ) -> SplitProgram:
     """Trace `module` with fx and split it into prefix and suffix (raises if it cannot)."""
-    gm = fx.symbolic_trace(module)
+    gm = symbolic_trace(module)
     found = find_sites(gm)
     chosen = {found[i].node for i in select_sites([f.site.name for f in found], sample)}
     sites = [f.site for f in found if f.node in chosen]

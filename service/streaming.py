@@ -37,7 +37,8 @@ def _valid(first: int, n_samples: int, total: int, device: torch.device) -> Tens
 class StreamingMoments:
     """Running count, mean and variance per row and feature of values [R, S, F]."""
 
-    def __init__(self, rows: int, features: int, device: torch.device) -> None:
+    def __init__(self, rows: int, features: int, device: torch.device, start: int = 0) -> None:
+        self.start = start  # first sample index this instance sees (a shard's first sample)
         self.count = torch.zeros(rows, dtype=torch.int64, device=device)
         self.shift = torch.zeros(rows, features, dtype=torch.float64, device=device)
         self.sum1 = torch.zeros(rows, features, dtype=torch.float64, device=device)
@@ -46,13 +47,14 @@ class StreamingMoments:
     def update(self, rows: slice, first: int, values: Tensor, total: int) -> None:
         """Fold samples first .. first+S-1 of `rows` in; samples at index >= total are ignored.
 
-        `first` and S must be multiples of BLOCK, and each row must see its samples in order.
+        `first` and S must be multiples of BLOCK, and each row must see its samples in order,
+        beginning at `start`.
         """
         r, s, f = values.shape
         valid = _valid(first, s, total, values.device)
         n_valid = int(valid.sum())
         v = values.to(torch.float64)
-        if first == 0:
+        if first == self.start:
             k = min(BLOCK, n_valid)
             self.shift[rows] = _block_sum(v[:, None, :k]).squeeze(1) / k
         d = (v - self.shift[rows].unsqueeze(1)) * valid.view(1, s, 1)
@@ -76,6 +78,11 @@ class StreamingMoments:
         n = self.count.unsqueeze(1).to(torch.float64)
         var = (self.sum2 - self.sum1 * self.sum1 / n) / (n - 1).clamp_min(1)
         return var.clamp_min(0.0)
+
+    @property
+    def m2(self) -> Tensor:
+        """[B, F] sum of squared deviations from the mean (the M2 of Chan et al.'s merge)."""
+        return self.sum2 - self.sum1 * self.sum1 / self.count.unsqueeze(1).to(torch.float64)
 
 
 class StreamingLogMeanExp:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import torch
+from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
 from torch import nn
 
 from service.architectures import Activation, build_mlp
@@ -146,3 +147,16 @@ def classification_summary(
         samples_used=samples,
         seed=0,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    """One local Ray cluster for the whole session; skips (saying why) where Ray may not start."""
+    reason = ray_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        stop_cluster()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -416,3 +418,56 @@ def test_samples_auto_is_accepted(capsys: Capsys) -> None:
     )
     assert isinstance(summary, ClassificationSummary)
     assert answer["samples_used"] == summary.samples_used
+
+
+# --- serve --ray (no cluster: the Ray module is replaced; tests/test_ray_serve.py runs it) ---
+
+
+@pytest.fixture(autouse=True)
+def _never_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray cannot start from these tests, even if a fake below failed to take: `import ray`
+    fails (Ray may start only inside the loopback-only namespace of `make ray-test`)."""
+    monkeypatch.setitem(sys.modules, "ray", None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--replicas", "2"], "--replicas, --autoscale and --ray-* need --ray"),
+        (["--ray-num-gpus", "1"], "--replicas, --autoscale and --ray-* need --ray"),
+        (["--ray", "--workers", "2"], "--workers is for uvicorn; with --ray use --replicas"),
+        (["--ray", "--autoscale", "4:1"], "max_replicas (1) is below min_replicas (4)"),
+        (["--ray", "--autoscale", "4"], "expected MIN:MAX replicas such as 1:4, got '4'"),
+        (["--ray", "--ray-num-cpus", "-1"], "num_cpus: Input should be greater than or equal"),
+    ],
+)
+def test_serve_ray_flag_errors(capsys: Capsys, argv: list[str], message: str) -> None:
+    assert message in _error(capsys, ["serve", *argv])
+
+
+def test_serve_ray_without_the_extra_says_how_to_install(
+    capsys: Capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "service.ray_serve", None)  # import fails as if absent
+    assert "Ray Serve is not installed: pip install '.[ray]'" in _error(capsys, ["serve", "--ray"])
+
+
+def test_serve_ray_hands_settings_and_options_to_ray_serve(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[tuple[Settings, Any]] = []
+    fake = types.ModuleType("service.ray_serve")
+    fake.run = lambda settings, options: calls.append((settings, options))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "service.ray_serve", fake)
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "--ray", "--autoscale", "1:3", "--ray-address", "127.0.0.1:1",
+            "--ray-num-cpus", "0.5", "--ray-num-gpus", "0.25", "--model-repository", "repo",
+            "--host", "0.0.0.0", "--port", "9000"]  # fmt: skip
+    assert main(argv) == 0
+    [(settings, options)] = calls
+    assert settings.model_repository == tmp_path / "repo"  # absolute: replicas run elsewhere
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert options.address == "127.0.0.1:1"
+    assert (options.num_cpus, options.num_gpus, options.replicas) == (0.5, 0.25, None)
+    assert options.autoscaling is not None
+    assert (options.autoscaling.min_replicas, options.autoscaling.max_replicas) == (1, 3)

@@ -200,10 +200,10 @@ def image(engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> str
 
 @pytest.fixture(scope="module")
 def shipped(engine: DockerEngine, image: str) -> Iterator[Container]:
-    """The image as built: the shipped models baked in at /models."""
+    """The image as built (shipped models at /models), read-only but /tmp, as Kubernetes runs it."""
     name = f"mcdrop-test-{os.getpid()}-shipped"
     try:
-        yield start_container(engine, name)
+        yield start_container(engine, name, "--read-only", "--tmpfs", "/tmp")
     finally:
         engine.docker("rm", "--force", name)
 

@@ -1,0 +1,204 @@
+"""LocalShardPool: worker processes give the single-process answer, fail clearly, stop cleanly.
+
+Also the served path: a request above MCDROP_SHARD_THRESHOLD goes through the pool and
+answers exactly what the unsplit engine answers, through the same HTTP API.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_mlp_model
+from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
+from torch import nn
+
+from service.loading import save_weights
+from service.model import ServedModel
+from service.repository import fingerprint
+from service.shard_pool import LocalShardPool, ShardFailed, ShardWorkerDied
+from service.sharding import ModelRef, Shard, finish, merge_partials, run_split
+from service.uncertainty import ClassificationSummary, RegressionSummary
+
+pytestmark = pytest.mark.slow  # spawns processes that import torch
+
+# A model that loads in the server but kills any shard worker that loads it.
+_DIES_IN_WORKERS = """
+import multiprocessing, os
+from torch import nn
+
+
+def build() -> nn.Module:
+    if multiprocessing.current_process().name.startswith("mcdrop-shard"):
+        os._exit(3)
+    return nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.2), nn.Linear(4, 1))
+"""
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repo")
+    write_mlp_model(root / "reg", in_features=3, outputs=("a", "b"), hidden=(16,), tau=2.0,
+                    target_mean=[1.0, 2.0], target_std=[3.0, 0.5])  # fmt: skip
+    write_mlp_model(root / "cls", in_features=3, outputs=("x", "y", "z"), hidden=(16,),
+                    task="classification", dropout=0.3)  # fmt: skip
+    dies = root / "dies"
+    dies.mkdir()
+    save_weights(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.2), nn.Linear(4, 1)),
+                 dies / "weights.safetensors")  # fmt: skip
+    (dies / "arch.py").write_text(_DIES_IN_WORKERS, encoding="utf-8")
+    (dies / "model.toml").write_text(
+        'name = "dies"\ntask = "regression"\n[input]\nshape = [2]\n[output]\nnames = ["y"]\n'
+        '[model]\nformat = "entrypoint"\nentrypoint = "arch:build"\n',
+        encoding="utf-8",
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[LocalShardPool]:
+    with LocalShardPool(2) as shard_pool:
+        yield shard_pool
+
+
+def _ref(folder: Path) -> ModelRef:
+    return ModelRef(folder.name, folder, fingerprint(folder))
+
+
+@pytest.mark.parametrize("mask_mode", ["independent", "shared"])
+@pytest.mark.parametrize("name", ["reg", "cls"])
+def test_the_pool_answers_what_one_process_answers(
+    repo: Path, pool: LocalShardPool, name: str, mask_mode: str
+) -> None:
+    model = ServedModel.load(repo / name)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    opts = model.options(1003, seed=7, mask_mode=mask_mode, return_samples=20)  # type: ignore[arg-type]
+    request = model.request(x, opts)
+    split = run_split(pool, _ref(repo / name), model.engine.head, request, min_shard=256)
+    whole = model.engine.run_many([request])[0]
+    assert type(split) is type(whole)
+    if isinstance(whole, RegressionSummary):
+        assert isinstance(split, RegressionSummary)
+        for field in ("mean", "epistemic_variance", "aleatoric_variance", "samples"):
+            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
+                                       rtol=1e-12, atol=1e-12)  # fmt: skip
+        low, high = whole.empirical_intervals[0.95].lower, whole.empirical_intervals[0.95].upper
+        torch.testing.assert_close(split.empirical_intervals[0.95].lower, low)
+        torch.testing.assert_close(split.empirical_intervals[0.95].upper, high)
+    else:
+        assert isinstance(whole, ClassificationSummary)
+        assert isinstance(split, ClassificationSummary)
+        for field in ("probabilities", "probabilities_std", "entropy", "expected_entropy",
+                      "variation_ratio", "samples"):  # fmt: skip
+            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
+                                       rtol=1e-12, atol=1e-12)  # fmt: skip
+
+
+def test_more_shards_than_workers_queue_and_still_merge_exactly(
+    repo: Path, pool: LocalShardPool
+) -> None:
+    model = ServedModel.load(repo / "cls")
+    request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
+    shards = [(0, 200), (200, 304), (304, 640), (640, 1000)]
+    parts = pool.run_shards(_ref(repo / "cls"), request, [Shard(a, b - a) for a, b in shards])
+    assert [p.first for p in parts] == [0, 200, 304, 640]
+    split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
+    whole = model.engine.run_many([request])[0]
+    assert isinstance(split, ClassificationSummary)
+    assert isinstance(whole, ClassificationSummary)
+    torch.testing.assert_close(split.probabilities, whole.probabilities, rtol=1e-12, atol=1e-12)
+
+
+def test_a_killed_worker_is_replaced_before_the_next_request(
+    repo: Path, pool: LocalShardPool
+) -> None:
+    model = ServedModel.load(repo / "reg")
+    request = model.request(torch.ones(1, 3), model.options(512, seed=0))
+    whole = model.engine.run_many([request])[0]
+    assert isinstance(whole, RegressionSummary)
+    before = pool.pids
+    os.kill(before[1], signal.SIGKILL)  # an idle worker killed from outside, between requests
+    give_up = time.monotonic() + 30
+    while pool.alive()[1]:  # until the kernel has delivered it and the process is gone
+        assert time.monotonic() < give_up, "a worker still alive 30 s after SIGKILL"
+        time.sleep(0.01)
+    split = run_split(pool, _ref(repo / "reg"), model.engine.head, request, min_shard=256)
+    assert pool.pids[0] == before[0]
+    assert pool.pids[1] != before[1]
+    assert isinstance(split, RegressionSummary)
+    torch.testing.assert_close(split.mean, whole.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_a_worker_dying_mid_request_is_a_clear_error_not_a_hang(
+    repo: Path, pool: LocalShardPool
+) -> None:
+    dies = ServedModel.load(repo / "dies")  # this process survives loading it; workers do not
+    request = dies.request(torch.ones(1, 2), dies.options(512, seed=0))
+    died = r"died \(exit code 3\) during samples \d+\.\.\d+ of model 'dies'"
+    with pytest.raises(ShardWorkerDied, match=died):
+        run_split(pool, _ref(repo / "dies"), dies.engine.head, request, min_shard=256)
+    reg = ServedModel.load(repo / "reg")  # the pool recovers for the next request
+    request = reg.request(torch.ones(1, 3), reg.options(512, seed=0))
+    assert run_split(pool, _ref(repo / "reg"), reg.engine.head, request).samples_used == 512
+
+
+def test_errors_inside_a_worker_come_back_with_their_reason(
+    repo: Path, pool: LocalShardPool
+) -> None:
+    model = ServedModel.load(repo / "reg")
+    request = model.request(torch.ones(1, 3), model.options(512, seed=0))
+    stale = ModelRef("reg", repo / "reg", "not-the-fingerprint")
+    with pytest.raises(ShardFailed, match="changed on disk since the server loaded it"):
+        run_split(pool, stale, model.engine.head, request, min_shard=256)
+    with pytest.raises(ShardFailed, match=r"ValueError: shard samples 0\.\.1023 run past"):
+        pool.run_shards(_ref(repo / "reg"), request, [Shard(0, 1024)])
+
+
+def test_closing_stops_every_worker_and_refuses_more_work(repo: Path) -> None:
+    shard_pool = LocalShardPool(1)
+    (pid,) = shard_pool.pids
+    shard_pool.close()
+    shard_pool.close()  # idempotent
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    model = ServedModel.load(repo / "reg")
+    request = model.request(torch.ones(1, 3), model.options(512, seed=0))
+    with pytest.raises(ShardFailed, match="closed"):
+        run_split(shard_pool, _ref(repo / "reg"), model.engine.head, request)
+
+
+# -- the served path -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_request_above_the_threshold_is_split_and_answers_the_unsplit_numbers(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {"mc_samples": 600, "seed": 5}
+    async with serve(settings_for(repo, shard_workers=2, shard_threshold=512)) as (app, client):
+        registry = app.state.registry
+        assert registry.shard_executor is not None
+        assert registry.shard_executor.workers == 2
+        assert registry.get("cls").worker.splitter is not None
+        assert registry.get("dies").worker.splitter is None  # workers cannot load it: unsplit
+        spy = spy_engine(app, "cls", monkeypatch)
+        split = await client.post("/v2/models/cls/infer", json=oip_body(np.ones((4, 3)), params))
+        small_params = {"mc_samples": 512, "seed": 5}
+        small = await client.post(
+            "/v2/models/cls/infer", json=oip_body(np.ones((4, 3)), small_params)
+        )
+        assert split.status_code == 200, split.text
+        assert small.status_code == 200, small.text
+        assert [c[0].options.samples for c in spy.calls] == [512]  # 600 never ran in-process
+    async with serve(settings_for(repo)) as (app, client):  # no shard workers: never split
+        assert app.state.registry.shard_executor is None
+        plain = await client.post("/v2/models/cls/infer", json=oip_body(np.ones((4, 3)), params))
+    expected = decode_outputs(plain)
+    for name, value in decode_outputs(split).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
