@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve demo test lint unit browser bench models clean ray-extra ray-test bench-ray
+.PHONY: serve demo test lint unit browser docker docker-test bench models clean ray-extra ray-test bench-ray
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check service tests bench
 	$(BIN)/ruff format --check service tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 unit: $(STAMP)
 	$(BIN)/pytest
@@ -39,6 +40,29 @@ browser:
 	else \
 		echo "browser: /usr/bin/chromium missing and not root with apt-get; the browser tests will be skipped"; \
 	fi
+
+# dockerd and debootstrap for tests/test_docker.py, which starts a private engine of its own.
+# A docker client alone (e.g. /usr/local/bin/docker) is not enough: the daemon is what counts,
+# so docker.io (dockerd, containerd, runc and Debian's client) is installed when dockerd is
+# missing and we are root with apt-get. Never fails `make test`; without them the tests skip.
+docker:
+	@missing=""; \
+	command -v dockerd >/dev/null 2>&1 || missing=" docker.io"; \
+	command -v debootstrap >/dev/null 2>&1 || missing="$$missing debootstrap"; \
+	if [ -z "$$missing" ]; then \
+		echo "docker: dockerd and debootstrap are present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "docker: installing$$missing (apt-get) for the container tests"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing) \
+			|| echo "docker: could not install $$missing; the container tests will be skipped"; \
+	else \
+		echo "docker: $$missing missing and not root with apt-get; the container tests will be skipped"; \
+	fi
+
+# The container suite alone: build the image in a private dockerd, run it, validate compose.
+docker-test: docker $(STAMP)
+	$(BIN)/pytest tests/test_docker.py tests/test_compose.py
 
 # Ray tests (marker `ray`) in a loopback-only network namespace: Ray's start-up probes outside
 # addresses, and nothing may leave the machine. Without Ray or unshare they skip, saying why.
@@ -65,7 +89,7 @@ ray-test: ray-extra
 bench-ray: ray-extra  ## 1 vs 2 Ray Serve replicas, and Ray's proxy vs plain uvicorn
 	$(NETNS) $(BIN)/python bench/ray_replicas.py
 
-test: browser lint unit ray-test
+test: browser docker lint unit ray-test
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py

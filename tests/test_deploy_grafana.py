@@ -151,8 +151,10 @@ def test_prometheus_scrapes_the_service_metrics_endpoint() -> None:
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     job = jobs["mcdrop"]
     assert job["metrics_path"] == "/metrics"
-    targets = [t for group in job["static_configs"] for t in group["targets"]]
-    assert targets == ["mcdrop:8000"]
+    # One target per replica of the compose service (tests/test_compose.py checks the names).
+    assert job["dns_sd_configs"] == [
+        {"names": ["mcdrop"], "type": "A", "port": 8000, "refresh_interval": "15s"}
+    ]
 
 
 def test_grafana_provisions_the_datasource_the_panels_use() -> None:
