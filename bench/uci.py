@@ -57,9 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--validation-samples", type=int, default=200, help="MC samples ranking the grid"
     )
-    ap.add_argument(
-        "--epochs-scale", type=float, default=10.0, help="epochs = n_epochs.txt x this"
-    )
+    ap.add_argument("--epochs-scale", type=float, default=10.0, help="epochs = n_epochs.txt x this")
     ap.add_argument("--concrete", action="store_true", help="learn dropout rates (grid: tau)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -162,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     report: dict[str, Any] = {
-        "protocol": {**protocol.__dict__, "splits": args.splits, "threads": torch.get_num_threads()},
+        "protocol": {
+            **protocol.__dict__,
+            "splits": args.splits,
+            "threads": torch.get_num_threads(),
+        },
         "datasets": {},
     }
     progress = not args.no_progress
     for name in args.datasets:
         dataset = load_dataset(args.data / name)
-        count = len(dataset.splits) if args.splits is None else min(args.splits, len(dataset.splits))
+        count = (
+            len(dataset.splits) if args.splits is None else min(args.splits, len(dataset.splits))
+        )
         result: DatasetResult = run_dataset(dataset, list(range(count)), protocol, progress)
         summary = result.summary()
         report["datasets"][name] = summary

@@ -219,13 +219,15 @@ def train_stacked(
     progress: bool = True,
     desc: str = "train",
     fused_adam: bool = True,
+    history: list[dict[str, float]] | None = None,
 ) -> StackedMLP:
     """Minibatch Adam on sum_m (MSE_m + penalty_m); returns the trained model in eval mode.
 
     Like train_regressor: the global RNG (dropout masks, and init inside build()) is seeded
     with `seed` in a forked RNG; network m shuffles its rows each epoch with its own
     generator seeded by shuffle_seeds[m] (default: `seed` for all). fused_adam: one kernel
-    for all parameters (fewer per-step launches); False is train_regressor's Adam.
+    for all parameters (fewer per-step launches); False is train_regressor's Adam. history,
+    when given, gets one {"loss": mean objective over rows, summed over networks} per epoch.
     """
     models, n = data.rows.shape
     seeds = list(shuffle_seeds) if shuffle_seeds is not None else [seed] * models
@@ -245,6 +247,7 @@ def train_stacked(
             order = torch.stack(
                 [data.rows[m][torch.randperm(n, generator=generators[m])] for m in range(models)]
             )
+            total = 0.0
             for start in range(0, n, batch_size):
                 x, y = data.batch(order[:, start : start + batch_size])
                 mse = (model(x) - y).square().mean(dim=(1, 2))
@@ -252,6 +255,10 @@ def train_stacked(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()
+                if history is not None:
+                    total += float(loss.detach()) * x.shape[1]
+            if history is not None:
+                history.append({"loss": total / n})
     return model.eval()
 
 
