@@ -22,6 +22,7 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.engine import MCOptions
 from service.stacked import StackedMLP
 from service.uci import (
     DatasetResult,
@@ -31,7 +32,6 @@ from service.uci import (
     make_engine,
     run_dataset,
 )
-from service.engine import MCOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "uci"

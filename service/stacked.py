@@ -10,6 +10,7 @@ step for step (tests/test_stacked.py checks the weights agree).
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -51,6 +52,10 @@ class StackedMLP(nn.Module):
     steps instead, so that one network reproduces train_regressor bit for bit.
     """
 
+    fixed_rates: Tensor
+    thresholds: Tensor
+    scales: Tensor
+
     def __init__(
         self,
         weights: Sequence[Tensor],
@@ -79,7 +84,7 @@ class StackedMLP(nn.Module):
         """Keras's defaults: Glorot-uniform weights, zero biases; layer widths `sizes`."""
         models = rates.shape[0]
         weights, biases = [], []
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        for fan_in, fan_out in itertools.pairwise(sizes):
             limit = math.sqrt(6.0 / (fan_in + fan_out))
             weights.append(torch.empty(models, fan_in, fan_out).uniform_(-limit, limit))
             biases.append(torch.zeros(models, 1, fan_out))
@@ -103,8 +108,7 @@ class StackedMLP(nn.Module):
         """Dropout rates [M, L]: the fixed ones, or the learned sigmoid(logits)."""
         if self.concrete:
             return torch.sigmoid(self.logits)
-        fixed: Tensor = self.fixed_rates
-        return fixed
+        return self.fixed_rates
 
     def forward(self, x: Tensor, sample: bool = True) -> Tensor:
         """x [M, B, in] -> [M, B, out]; `sample` draws dropout masks (else the plain network)."""
@@ -253,7 +257,7 @@ def train_stacked(
                 mse = (model(x) - y).square().mean(dim=(1, 2))
                 loss = mse.sum() + model.penalty(prior, entropy_scale).sum()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 optimizer.step()
                 if history is not None:
                     total += float(loss.detach()) * x.shape[1]

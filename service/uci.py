@@ -326,7 +326,8 @@ def evaluate_network(
     """RMSE and mean MC-mixture log-likelihood (raw units) of `rows` through MCEngine."""
     engine = make_engine(network, table, tau)
     summary = engine.run(table.x[rows], MCOptions(samples=samples, seed=seed), targets=y.double())
-    assert isinstance(summary, RegressionSummary) and summary.log_likelihood is not None
+    assert isinstance(summary, RegressionSummary)
+    assert summary.log_likelihood is not None
     return scoring.rmse(summary.mean, y.double()), scoring.mean_log_likelihood(
         summary.log_likelihood
     )
