@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve demo test lint unit browser bench models clean
+.PHONY: serve demo test lint unit browser bench uci models clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ test: browser lint unit
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/server.py
+
+uci: $(STAMP)  ## the UCI regression table (docs/uci.md), data from ../shared/uci
+	$(BIN)/python bench/uci.py --compare-loop naval-propulsion-plant
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
 	$(BIN)/python -m service.demo_models --out models

@@ -62,6 +62,4 @@ def test_concrete_needs_one_relu_layer_and_a_starting_rate() -> None:
             x, y, TrainConfig(tau=1.0, dropout=0.1, input_dropout=0.0), progress=False
         )
     with pytest.raises(ValueError, match="heteroscedastic"):
-        train_concrete_regressor(
-            x, y, TrainConfig(tau=1.0, heteroscedastic=True), progress=False
-        )
+        train_concrete_regressor(x, y, TrainConfig(tau=1.0, heteroscedastic=True), progress=False)

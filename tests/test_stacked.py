@@ -129,3 +129,30 @@ def test_mc_scores_match_hand_computed_mixture() -> None:
     assert rmse.item() == pytest.approx(math.sqrt(2.0))
     expected = 0.5 * math.log(0.5) - 0.5 * math.log(2 * math.pi) - 0.25 * (4 + 0) / 2
     assert ll.item() == pytest.approx(expected)
+
+
+def test_mc_scores_agree_with_the_serving_engine() -> None:
+    """Validation scores (stacked, torch RNG masks) estimate what the engine reports."""
+    from service.engine import MCEngine, MCOptions
+    from service.uncertainty import RegressionSummary
+
+    torch.manual_seed(4)
+    rates = torch.full((1, 2), 0.2, dtype=torch.float64)
+    stacked = StackedMLP.glorot([3, 16, 1], rates)
+    x = torch.randn(40, 3)
+    y = torch.randn(40, 1).double() * 2 + 1
+    tau = 1.5
+    rmse, ll = mc_scores(
+        stacked, x[None], y[None], torch.tensor([1.0]), torch.tensor([2.0]),
+        torch.tensor([tau]), samples=4000,
+    )  # fmt: skip
+    engine = MCEngine(
+        stacked.network(0), task="regression", input_shape=(3,), tau=tau,
+        output_scale=torch.tensor([2.0]), output_shift=torch.tensor([1.0]),
+    )  # fmt: skip
+    summary = engine.run(x, MCOptions(samples=4000, seed=0), targets=y)
+    assert isinstance(summary, RegressionSummary)
+    assert summary.log_likelihood is not None
+    engine_rmse = float((summary.mean.double() - y).square().mean().sqrt())
+    assert rmse.item() == pytest.approx(engine_rmse, rel=0.02)
+    assert ll.item() == pytest.approx(float(summary.log_likelihood.mean()), abs=0.02)

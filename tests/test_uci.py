@@ -52,13 +52,13 @@ def test_load_dataset_names_the_bad_file(tmp_path: Path) -> None:
     folder = _write_dataset(tmp_path / "line")
     good = (folder / "index_test_1.txt").read_text()
     (folder / "index_test_1.txt").write_text("5\n999\n")
-    with pytest.raises(ValueError, match=r"index_test_1.txt: row numbers must lie in \[0, 120\)"):
+    with pytest.raises(ValueError, match=r"index_test_1\.txt: row numbers must lie in \[0, 120\)"):
         load_dataset(folder)
     (folder / "index_test_1.txt").write_text(good)
     (folder / "tau_values.txt").unlink()
-    with pytest.raises(FileNotFoundError, match="missing tau_values.txt"):
+    with pytest.raises(FileNotFoundError, match=r"missing tau_values\.txt"):
         load_dataset(folder)
-    with pytest.raises(FileNotFoundError, match="no data.txt"):
+    with pytest.raises(FileNotFoundError, match=r"no data\.txt"):
         load_dataset(tmp_path)
 
 

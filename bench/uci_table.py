@@ -1,0 +1,120 @@
+"""Markdown tables for docs/uci.md from bench/uci.py JSON files, beside the authors' numbers.
+
+`python bench/uci_table.py --grid a.json b.json --concrete c.json` prints the RMSE and
+test log-likelihood tables, the target check against the authors' grid numbers, and the
+wall time per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+# Gal & Ghahramani's 2018 re-run (../shared/uci/README.md), mean and standard error of:
+# RMSE bayesopt, RMSE grid, test LL bayesopt, test LL grid
+_TABLE = {
+    "bostonHousing": (2.83, 0.17, 2.90, 0.18, -2.40, 0.04, -2.40, 0.04),
+    "concrete": (4.93, 0.14, 4.82, 0.16, -2.97, 0.02, -2.93, 0.02),
+    "energy": (1.08, 0.03, 0.54, 0.06, -1.72, 0.01, -1.21, 0.01),
+    "kin8nm": (0.09, 0.00, 0.08, 0.00, 0.97, 0.00, 1.14, 0.01),
+    "naval-propulsion-plant": (0.00, 0.00, 0.00, 0.00, 3.91, 0.01, 4.45, 0.00),
+    "power-plant": (4.00, 0.04, 4.01, 0.04, -2.79, 0.01, -2.80, 0.01),
+    "protein-tertiary-structure": (4.27, 0.01, 4.27, 0.02, -2.87, 0.00, -2.87, 0.00),
+    "wine-quality-red": (0.61, 0.01, 0.62, 0.01, -0.92, 0.01, -0.93, 0.01),
+    "yacht": (0.70, 0.05, 0.67, 0.05, -1.38, 0.01, -1.25, 0.01),
+}
+REFERENCE: dict[str, dict[str, tuple[float, float]]] = {
+    name: {
+        key: (v[2 * i], v[2 * i + 1]) for i, key in enumerate(("rmse_bo", "rmse", "ll_bo", "ll"))
+    }
+    for name, v in _TABLE.items()
+}
+
+
+def load(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    """Merge the `datasets` sections of several bench/uci.py JSON files."""
+    merged: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        merged.update(json.loads(path.read_text())["datasets"])
+    return merged
+
+
+def pm(mean: float, se: float | None, digits: int) -> str:
+    return f"{mean:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{mean:.{digits}f}"
+
+
+def ours(results: dict[str, dict[str, Any]], name: str, key: str, digits: int) -> str:
+    if name not in results:
+        return "not run"
+    r = results[name]
+    return f"{pm(r[key + '_mean'], r[key + '_se'], digits)} ({r['n_splits']})"
+
+
+def verdict(r: dict[str, Any] | None, name: str) -> str:
+    """Target: LL >= authors' grid LL - 1 SE and RMSE <= authors' grid RMSE + 1 SE."""
+    if r is None:
+        return "not run"
+    ref = REFERENCE[name]
+    ll_gap = r["ll_mean"] - (ref["ll"][0] - ref["ll"][1])
+    rmse_gap = (ref["rmse"][0] + ref["rmse"][1]) - r["rmse_mean"]
+    parts = []
+    parts.append("LL met" if ll_gap >= 0 else f"LL short by {-ll_gap:.3f}")
+    parts.append("RMSE met" if rmse_gap >= -0.005 else f"RMSE over by {-rmse_gap:.3f}")
+    return ", ".join(parts)
+
+
+def tables(grid: dict[str, dict[str, Any]], concrete: dict[str, dict[str, Any]]) -> str:
+    names = [n for n in REFERENCE if n in grid or n in concrete]
+    lines = [
+        "| dataset | RMSE ours grid | RMSE ours Concrete | RMSE authors grid | "
+        "RMSE authors bayesopt |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n in names:
+        ref = REFERENCE[n]
+        lines.append(
+            f"| {n} | {ours(grid, n, 'rmse', 3)} | {ours(concrete, n, 'rmse', 3)} | "
+            f"{pm(*ref['rmse'], 2)} | {pm(*ref['rmse_bo'], 2)} |"
+        )
+    lines += [
+        "",
+        "| dataset | test LL ours grid | test LL ours Concrete | test LL authors grid | "
+        "test LL authors bayesopt |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n in names:
+        ref = REFERENCE[n]
+        lines.append(
+            f"| {n} | {ours(grid, n, 'll', 3)} | {ours(concrete, n, 'll', 3)} | "
+            f"{pm(*ref['ll'], 2)} | {pm(*ref['ll_bo'], 2)} |"
+        )
+    lines += [
+        "",
+        "| dataset | target (grid) | target (Concrete) | seconds grid | seconds Concrete |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n in names:
+        g, c = grid.get(n), concrete.get(n)
+        lines.append(
+            f"| {n} | {verdict(g, n)} | {verdict(c, n)} | "
+            f"{g['seconds']['total']:.0f} | {c['seconds']['total']:.0f} |"
+            if g and c
+            else f"| {n} | {verdict(g, n)} | {verdict(c, n)} | "
+            f"{g['seconds']['total'] if g else '-'} | {c['seconds']['total'] if c else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", type=Path, nargs="*", default=[], help="grid-search JSON files")
+    ap.add_argument("--concrete", type=Path, nargs="*", default=[], help="Concrete JSON files")
+    args = ap.parse_args(argv)
+    print(tables(load(args.grid), load(args.concrete)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
