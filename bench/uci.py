@@ -51,7 +51,9 @@ DATASETS = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of dataset folders")
-    ap.add_argument("--datasets", nargs="+", default=DATASETS, help="folder names")
+    ap.add_argument(
+        "--datasets", nargs="*", default=DATASETS, help="folder names (none: only --compare-*)"
+    )
     ap.add_argument("--splits", type=int, help="first N splits of each dataset (default: all)")
     ap.add_argument("--samples", type=int, default=10_000, help="MC samples on the test rows")
     ap.add_argument(
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch CPU threads (1: fastest on shared cores)"
     )
     ap.add_argument("--compare-loop", metavar="DATASET", help="time engine vs per-sample loop")
+    ap.add_argument(
+        "--compare-training",
+        metavar="DATASET",
+        help="time split 0's grid trained one network at a time vs stacked",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--out", type=Path, help="also write the JSON here after every dataset")
     ap.add_argument("--no-progress", action="store_true")
@@ -76,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--epochs-scale must be positive, got {args.epochs_scale}")
     if not args.data.is_dir():
         ap.error(f"--data: {args.data} is not a folder (the UCI data lives in ../shared/uci)")
-    for name in args.datasets + ([args.compare_loop] if args.compare_loop else []):
+    extra = [n for n in (args.compare_loop, args.compare_training) if n]
+    for name in args.datasets + extra:
         if not (args.data / name / "data.txt").is_file():
             ap.error(f"--datasets: no dataset {name!r} under {args.data}")
     return args
@@ -136,6 +144,39 @@ def compare_loop(dataset: UCIDataset, protocol: Protocol, samples: int) -> dict[
     }
 
 
+def compare_training(dataset: UCIDataset, protocol: Protocol) -> dict[str, Any]:
+    """Split 0's grid (every dropout rate x tau, on its 80% rows): train_regressor once per
+    network, against all of them as one StackedMLP; same epochs, timed in this run."""
+    from service.training import TrainConfig, train_regressor
+    from service.uci import _Stage, _standardised, _train, validation_split
+
+    fit, _ = validation_split(dataset.splits[0][0], protocol.validation_fraction)
+    grid = [(p, t) for p in dataset.dropout_grid for t in dataset.tau_grid]
+    epochs = protocol.epochs(dataset)
+    start = time.perf_counter()
+    for p, tau in grid:
+        config = TrainConfig(
+            tau=tau, hidden=[dataset.hidden], dropout=p, epochs=epochs, lr=protocol.lr,
+            batch_size=protocol.batch_size, lengthscale=protocol.lengthscale,
+        )  # fmt: skip
+        train_regressor(dataset.x[fit], dataset.y[fit], config, progress=False)
+    one_by_one = time.perf_counter() - start
+    table = _standardised(dataset, fit)
+    stage = _Stage([table], [0] * len(grid), [fit] * len(grid), [t for _, t in grid],
+                   [p for p, _ in grid])  # fmt: skip
+    start = time.perf_counter()
+    _train(stage, dataset, protocol, protocol.seed, "stacked", progress=False)
+    stacked = time.perf_counter() - start
+    return {
+        "dataset": dataset.name,
+        "networks": len(grid),
+        "epochs": epochs,
+        "one_by_one_seconds": one_by_one,
+        "stacked_seconds": stacked,
+        "one_by_one_over_stacked": one_by_one / stacked,
+    }
+
+
 def format_row(result: dict[str, Any]) -> str:
     def pm(mean: float, se: float | None, digits: int) -> str:
         return f"{mean:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{mean:.{digits}f}"
@@ -187,6 +228,17 @@ def main(argv: list[str] | None = None) -> int:
             f"evaluation of {c['rows']} rows x {c['samples']} samples: engine "
             f"{c['engine_seconds']:.1f} s, per-sample loop {c['loop_seconds']:.1f} s "
             f"({c['loop_over_engine']:.2f}x)",
+            file=sys.stderr,
+        )
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=1))
+    if args.compare_training:
+        dataset = load_dataset(args.data / args.compare_training)
+        report["compare_training"] = c = compare_training(dataset, protocol)
+        print(
+            f"training {c['networks']} networks x {c['epochs']} epochs: one by one "
+            f"{c['one_by_one_seconds']:.1f} s, stacked {c['stacked_seconds']:.1f} s "
+            f"({c['one_by_one_over_stacked']:.2f}x)",
             file=sys.stderr,
         )
         if args.out:
