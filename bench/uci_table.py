@@ -65,45 +65,36 @@ def verdict(r: dict[str, Any] | None, name: str) -> str:
     return ", ".join(parts)
 
 
-def tables(grid: dict[str, dict[str, Any]], concrete: dict[str, dict[str, Any]]) -> str:
+def tables(
+    grid: dict[str, dict[str, Any]],
+    concrete: dict[str, dict[str, Any]],
+    long: dict[str, dict[str, Any]] | None = None,
+    long_label: str = "ours grid, 100x epochs",
+) -> str:
+    """RMSE, test LL, target and time tables; `long` adds a column (e.g. longer training)."""
     names = [n for n in REFERENCE if n in grid or n in concrete]
-    lines = [
-        "| dataset | RMSE ours grid | RMSE ours Concrete | RMSE authors grid | "
-        "RMSE authors bayesopt |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    runs = [("ours grid", grid), ("ours Concrete", concrete)]
+    if long:
+        runs.append((long_label, long))
+    lines: list[str] = []
+    for key, what, digits in (("rmse", "RMSE", 3), ("ll", "test LL", 3)):
+        head = " | ".join(f"{what} {label}" for label, _ in runs)
+        lines += [
+            f"| dataset | {head} | {what} authors grid | {what} authors bayesopt |",
+            "| --- |" + " --- |" * (len(runs) + 2),
+        ]
+        for n in names:
+            ref = REFERENCE[n]
+            cells = " | ".join(ours(r, n, key, digits) for _, r in runs)
+            lines.append(f"| {n} | {cells} | {pm(*ref[key], 2)} | {pm(*ref[key + '_bo'], 2)} |")
+        lines.append("")
+    head = " | ".join(f"target, {label}" for label, _ in runs)
+    secs = " | ".join(f"seconds, {label}" for label, _ in runs)
+    lines += [f"| dataset | {head} | {secs} |", "| --- |" + " --- |" * (2 * len(runs))]
     for n in names:
-        ref = REFERENCE[n]
-        lines.append(
-            f"| {n} | {ours(grid, n, 'rmse', 3)} | {ours(concrete, n, 'rmse', 3)} | "
-            f"{pm(*ref['rmse'], 2)} | {pm(*ref['rmse_bo'], 2)} |"
-        )
-    lines += [
-        "",
-        "| dataset | test LL ours grid | test LL ours Concrete | test LL authors grid | "
-        "test LL authors bayesopt |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for n in names:
-        ref = REFERENCE[n]
-        lines.append(
-            f"| {n} | {ours(grid, n, 'll', 3)} | {ours(concrete, n, 'll', 3)} | "
-            f"{pm(*ref['ll'], 2)} | {pm(*ref['ll_bo'], 2)} |"
-        )
-    lines += [
-        "",
-        "| dataset | target (grid) | target (Concrete) | seconds grid | seconds Concrete |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for n in names:
-        g, c = grid.get(n), concrete.get(n)
-        lines.append(
-            f"| {n} | {verdict(g, n)} | {verdict(c, n)} | "
-            f"{g['seconds']['total']:.0f} | {c['seconds']['total']:.0f} |"
-            if g and c
-            else f"| {n} | {verdict(g, n)} | {verdict(c, n)} | "
-            f"{g['seconds']['total'] if g else '-'} | {c['seconds']['total'] if c else '-'} |"
-        )
+        checks = " | ".join(verdict(r.get(n), n) for _, r in runs)
+        times = " | ".join(f"{r[n]['seconds']['total']:.0f}" if n in r else "-" for _, r in runs)
+        lines.append(f"| {n} | {checks} | {times} |")
     return "\n".join(lines)
 
 
@@ -111,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, nargs="*", default=[], help="grid-search JSON files")
     ap.add_argument("--concrete", type=Path, nargs="*", default=[], help="Concrete JSON files")
+    ap.add_argument("--long", type=Path, nargs="*", default=[], help="an extra column's files")
+    ap.add_argument("--long-label", default="ours grid, 100x epochs")
     args = ap.parse_args(argv)
-    print(tables(load(args.grid), load(args.concrete)))
+    print(tables(load(args.grid), load(args.concrete), load(args.long), args.long_label))
     return 0
 
 
