@@ -98,6 +98,24 @@ def tables(
     return "\n".join(lines)
 
 
+def learned_rates(concrete: dict[str, dict[str, Any]]) -> str:
+    """Concrete runs: the learned input and hidden dropout rates over splits (mean, range)."""
+    lines = [
+        "| dataset | learned input rate | learned hidden rate | tau chosen |",
+        "| --- | --- | --- | --- |",
+    ]
+    for n in (n for n in REFERENCE if n in concrete):
+        splits = concrete[n]["splits"]
+        cells = []
+        for i in (0, 1):
+            values = [s["dropout"][i] for s in splits]
+            low, high = min(values), max(values)
+            cells.append(f"{sum(values) / len(values):.3g} ({low:.3g} to {high:.3g})")
+        taus = sorted({s["tau"] for s in splits})
+        lines.append(f"| {n} | {cells[0]} | {cells[1]} | {', '.join(f'{t:g}' for t in taus)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grid", type=Path, nargs="*", default=[], help="grid-search JSON files")
@@ -105,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long", type=Path, nargs="*", default=[], help="an extra column's files")
     ap.add_argument("--long-label", default="ours grid, 100x epochs")
     args = ap.parse_args(argv)
-    print(tables(load(args.grid), load(args.concrete), load(args.long), args.long_label))
+    concrete = load(args.concrete)
+    print(tables(load(args.grid), concrete, load(args.long), args.long_label))
+    if concrete:
+        print()
+        print(learned_rates(concrete))
     return 0
 
 
