@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--datasets", nargs="*", default=DATASETS, help="folder names (none: only --compare-*)"
     )
-    ap.add_argument("--splits", type=int, help="first N splits of each dataset (default: all)")
+    ap.add_argument("--splits", type=int, help="N splits of each dataset (default: all)")
+    ap.add_argument("--first-split", type=int, default=0, help="start at this split (0-based)")
     ap.add_argument("--samples", type=int, default=10_000, help="MC samples on the test rows")
     ap.add_argument(
         "--validation-samples", type=int, default=200, help="MC samples ranking the grid"
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.first_split < 0:
+        ap.error(f"--first-split must be >= 0, got {args.first_split}")
     if args.epochs_scale <= 0:
         ap.error(f"--epochs-scale must be positive, got {args.epochs_scale}")
     if not args.data.is_dir():
@@ -211,10 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     for name in args.datasets:
         dataset = load_dataset(args.data / name)
-        count = (
-            len(dataset.splits) if args.splits is None else min(args.splits, len(dataset.splits))
-        )
-        result: DatasetResult = run_dataset(dataset, list(range(count)), protocol, progress)
+        end = len(dataset.splits)
+        if args.splits is not None:
+            end = min(end, args.first_split + args.splits)
+        if args.first_split >= end:
+            raise SystemExit(f"--first-split {args.first_split}: {name} has {end} splits")
+        splits = list(range(args.first_split, end))
+        result: DatasetResult = run_dataset(dataset, splits, protocol, progress)
         summary = result.summary()
         report["datasets"][name] = summary
         print(format_row(summary), file=sys.stderr, flush=True)
