@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,31 @@ ROUNDING = 0.005  # the authors' figures are rounded to two decimals
 
 
 def load(paths: list[Path]) -> dict[str, dict[str, Any]]:
-    """Merge the `datasets` sections of several bench/uci.py JSON files."""
+    """Merge the `datasets` sections of bench/uci.py JSON files; files holding other splits
+    of the same dataset (--first-split) are pooled: statistics over all splits, times added."""
     merged: dict[str, dict[str, Any]] = {}
     for path in paths:
-        merged.update(json.loads(path.read_text())["datasets"])
+        for name, result in json.loads(path.read_text())["datasets"].items():
+            if name in merged:
+                result = pooled(merged[name], result)
+            merged[name] = result
     return merged
+
+
+def pooled(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One dataset's results from two runs over different splits, as if run together."""
+    seen = {s["split"] for s in a["splits"]}
+    if seen & {s["split"] for s in b["splits"]}:
+        raise ValueError(f"{a['dataset']}: the same split appears in two files")
+    splits = sorted(a["splits"] + b["splits"], key=lambda s: s["split"])
+    out = dict(a, splits=splits, n_splits=len(splits))
+    for key in ("rmse", "ll"):
+        values = [s["rmse" if key == "rmse" else "log_likelihood"] for s in splits]
+        mean = sum(values) / len(values)
+        var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+        out[f"{key}_mean"], out[f"{key}_se"] = mean, math.sqrt(var / len(values))
+    out["seconds"] = {k: a["seconds"][k] + b["seconds"].get(k, 0.0) for k in a["seconds"]}
+    return out
 
 
 def pm(mean: float, se: float | None, digits: int) -> str:
