@@ -27,10 +27,14 @@ from service.stacked import StackedMLP
 from service.uci import (
     DatasetResult,
     Protocol,
+    Stage,
     UCIDataset,
     load_dataset,
     make_engine,
     run_dataset,
+    standardised,
+    train_stage,
+    validation_split,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +119,8 @@ def reference_loop(
 def compare_loop(dataset: UCIDataset, protocol: Protocol, samples: int) -> dict[str, Any]:
     """Engine vs per-sample loop on split 0's test rows, same network (trained briefly: the
     timing does not depend on the weights), timed side by side in this run."""
-    from service.uci import _standardised
-
     train, test = dataset.splits[0]
-    table = _standardised(dataset, train)
+    table = standardised(dataset, train)
     torch.manual_seed(protocol.seed)
     rates = torch.full((1, 2), dataset.dropout_grid[len(dataset.dropout_grid) // 2]).double()
     network = StackedMLP.glorot([dataset.x.shape[1], dataset.hidden, 1], rates).network(0)
@@ -151,7 +153,6 @@ def compare_training(dataset: UCIDataset, protocol: Protocol) -> dict[str, Any]:
     """Split 0's grid (every dropout rate x tau, on its 80% rows): train_regressor once per
     network, against all of them as one StackedMLP; same epochs, timed in this run."""
     from service.training import TrainConfig, train_regressor
-    from service.uci import _Stage, _standardised, _train, validation_split
 
     fit, _ = validation_split(dataset.splits[0][0], protocol.validation_fraction)
     grid = [(p, t) for p in dataset.dropout_grid for t in dataset.tau_grid]
@@ -164,11 +165,11 @@ def compare_training(dataset: UCIDataset, protocol: Protocol) -> dict[str, Any]:
         )  # fmt: skip
         train_regressor(dataset.x[fit], dataset.y[fit], config, progress=False)
     one_by_one = time.perf_counter() - start
-    table = _standardised(dataset, fit)
-    stage = _Stage([table], [0] * len(grid), [fit] * len(grid), [t for _, t in grid],
+    table = standardised(dataset, fit)
+    stage = Stage([table], [0] * len(grid), [fit] * len(grid), [t for _, t in grid],
                    [p for p, _ in grid])  # fmt: skip
     start = time.perf_counter()
-    _train(stage, dataset, protocol, protocol.seed, "stacked", progress=False)
+    train_stage(stage, dataset, protocol, protocol.seed, "stacked", progress=False)
     stacked = time.perf_counter() - start
     return {
         "dataset": dataset.name,

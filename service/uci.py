@@ -148,7 +148,7 @@ def standard_error(values: np.ndarray) -> float | None:
 
 
 @dataclass(frozen=True)
-class _Table:
+class Table:
     """One standardisation: rows standardised by the statistics of `fit` rows (float64 stats)."""
 
     x: Tensor  # [N, F] float32
@@ -157,13 +157,15 @@ class _Table:
     y_std: float
 
 
-def _standardised(dataset: UCIDataset, fit: np.ndarray) -> _Table:
+def standardised(dataset: UCIDataset, fit: np.ndarray) -> Table:
+    """All rows, standardised by the mean and population std of the `fit` rows (as Keras-era
+    code did; a constant column is left unscaled)."""
     x = torch.from_numpy(dataset.x)
     y = torch.from_numpy(dataset.y)[:, None]
     x_mean, x_std = x[fit].mean(0), x[fit].std(0, correction=0)
     x_std = torch.where(x_std > 0, x_std, torch.ones_like(x_std))
     y_mean, y_std = float(y[fit].mean()), float(y[fit].std(correction=0)) or 1.0
-    return _Table(((x - x_mean) / x_std).float(), ((y - y_mean) / y_std).float(), y_mean, y_std)
+    return Table(((x - x_mean) / x_std).float(), ((y - y_mean) / y_std).float(), y_mean, y_std)
 
 
 def validation_split(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -176,19 +178,20 @@ def validation_split(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np
 
 
 @dataclass(frozen=True)
-class _Stage:
+class Stage:
     """M networks to train at once: per network its table, rows, tau and initial rates."""
 
-    tables: list[_Table]
+    tables: list[Table]
     group: list[int]
     rows: list[np.ndarray]
     tau: list[float]
     rates: list[float]
 
 
-def _train(
-    stage: _Stage, dataset: UCIDataset, protocol: Protocol, seed: int, desc: str, progress: bool
+def train_stage(
+    stage: Stage, dataset: UCIDataset, protocol: Protocol, seed: int, desc: str, progress: bool
 ) -> StackedMLP:
+    """Train a stage's M networks as one StackedMLP with the protocol's recipe."""
     models = len(stage.group)
     lengths = {len(r) for r in stage.rows}
     if len(lengths) != 1:
@@ -230,11 +233,11 @@ def run_dataset(
     tables, group, fit_rows, val_rows = [], [], [], []
     for i, k in enumerate(split_ids):
         fit, val = validation_split(dataset.splits[k][0], protocol.validation_fraction)
-        tables.append(_standardised(dataset, fit))
+        tables.append(standardised(dataset, fit))
         fit_rows.append(fit)
         val_rows.append(val)
         group.extend([i] * len(grid))
-    stage = _Stage(
+    stage = Stage(
         tables,
         group,
         [fit_rows[g] for g in group],
@@ -242,7 +245,7 @@ def run_dataset(
         [p for _ in split_ids for p, _ in grid],
     )
     name = f"{dataset.name} grid"
-    model = _train(stage, dataset, protocol, protocol.seed, name, progress)
+    model = train_stage(stage, dataset, protocol, protocol.seed, name, progress)
     grid_trained = time.perf_counter()
     fixed = model.with_fixed_rates()
     n_val = {len(v) for v in val_rows}.pop()
@@ -262,16 +265,16 @@ def run_dataset(
     searched = time.perf_counter()
 
     # 2. the best pair of each split, retrained on all its training rows
-    full = [_standardised(dataset, dataset.splits[k][0]) for k in split_ids]
+    full = [standardised(dataset, dataset.splits[k][0]) for k in split_ids]
     chosen = [grid[b] for b in best]
-    retrain = _Stage(
+    retrain = Stage(
         full,
         list(range(len(split_ids))),
         [dataset.splits[k][0] for k in split_ids],
         [t for _, t in chosen],
         [p for p, _ in chosen],
     )
-    final = _train(
+    final = train_stage(
         retrain, dataset, protocol, protocol.seed + 1, f"{dataset.name} retrain", progress
     )
     final_fixed = final.with_fixed_rates()
@@ -316,7 +319,7 @@ def run_dataset(
 
 def evaluate_network(
     network: torch.nn.Module,
-    table: _Table,
+    table: Table,
     rows: np.ndarray,
     y: Tensor,
     tau: float,
@@ -333,7 +336,7 @@ def evaluate_network(
     )
 
 
-def make_engine(network: torch.nn.Module, table: _Table, tau: float) -> MCEngine:
+def make_engine(network: torch.nn.Module, table: Table, tau: float) -> MCEngine:
     """The serving engine on one network, answering in raw target units."""
     return MCEngine(
         network,
