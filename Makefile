@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve demo test lint unit browser docker docker-test bench models clean ray-extra ray-test bench-ray
+.PHONY: serve demo test lint unit browser docker docker-test bench uci models clean ray-extra ray-test bench-ray
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -95,6 +95,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/engine.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/scale.py
+
+uci: $(STAMP)  ## the UCI regression table (docs/uci.md), data from ../shared/uci
+	$(BIN)/python bench/uci.py --compare-loop naval-propulsion-plant
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
 	$(BIN)/python -m service.demo_models --out models

@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from service.render import format_summary, render_table, summary_document
 from service.repository import scan_repository
 from service.server import serve
 from service.tables import load_table, parse_columns, read_table, select_columns
+
+if TYPE_CHECKING:
+    from service.training import TrainedModel
 
 USER_ERRORS = (ServiceError, OSError, ValueError)  # ValueError: pydantic, JSON, training
 
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     train.add_argument("--heteroscedastic", action="store_true", help="also predict the noise")
+    train.add_argument(
+        "--concrete",
+        action="store_true",
+        help="learn the dropout rates (Concrete dropout); --dropout is the starting rate",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--validation-fraction", type=float, default=0.0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -216,7 +224,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         validation_fraction=args.validation_fraction,
     )
-    trained = train_regressor(x, y, config, progress=not args.no_progress)
+    if args.concrete:
+        from service.concrete_training import train_concrete_regressor
+
+        try:
+            trained = train_concrete_regressor(x, y, config, progress=not args.no_progress)
+        except ValueError as error:
+            raise InvalidInput(f"--concrete: {error}") from error
+    else:
+        trained = train_regressor(x, y, config, progress=not args.no_progress)
     names = table.names
     features = parse_columns(args.features, table.values.shape[1])
     targets = parse_columns(args.target, table.values.shape[1])
@@ -234,13 +250,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote model {name!r} to {folder}")
     print(
         f"  {len(x)} rows, {x.shape[1]} features -> {y.shape[1]} target(s); hidden "
-        f"{args.hidden}, dropout {args.dropout}, tau {tau:.4g}, {args.epochs} epochs; "
+        f"{args.hidden}, dropout {_rates(trained)}, tau {tau:.4g}, {args.epochs} epochs; "
         f"final loss {trained.history[-1]['loss']:.4g}"
     )
     if trained.validation:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in trained.validation.items())
         print(f"  validation ({config.validation_samples} MC samples): {scores}")
     return 0
+
+
+def _rates(trained: TrainedModel) -> str:
+    """The dropout rates the model serves with (learned ones with --concrete)."""
+    from service.training import TrainConfig
+
+    config = trained.config
+    assert isinstance(config, TrainConfig)
+    if config.effective_input_dropout == config.dropout:
+        return f"{config.dropout:.4g}"
+    return f"{config.effective_input_dropout:.4g} (inputs), {config.dropout:.4g} (hidden)"
 
 
 # --- evaluate -----------------------------------------------------------------------------

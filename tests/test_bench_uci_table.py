@@ -1,0 +1,59 @@
+"""bench/uci_table.py: pooling split ranges run apart, and the target check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def table() -> Iterator[ModuleType]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))
+        import bench.uci_table as module
+
+        yield module
+
+
+def _result(splits: list[tuple[int, float, float]]) -> dict[str, Any]:
+    return {
+        "dataset": "yacht",
+        "n_splits": len(splits),
+        "rmse_mean": 0.0,
+        "rmse_se": None,
+        "ll_mean": 0.0,
+        "ll_se": None,
+        "seconds": {"total": 10.0},
+        "splits": [{"split": k, "rmse": r, "log_likelihood": ll} for k, r, ll in splits],
+    }
+
+
+def test_pooled_splits_give_the_statistics_of_one_run(table: ModuleType) -> None:
+    a = _result([(0, 1.0, -1.0), (1, 2.0, -2.0)])
+    b = _result([(2, 4.0, -1.5)])
+    out = table.pooled(a, b)
+    assert [s["split"] for s in out["splits"]] == [0, 1, 2]
+    assert out["n_splits"] == 3
+    assert out["rmse_mean"] == pytest.approx(7 / 3)
+    assert out["rmse_se"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1) / math.sqrt(3))
+    assert out["ll_mean"] == pytest.approx(-1.5)
+    assert out["seconds"]["total"] == 20.0
+    with pytest.raises(ValueError, match="same split"):
+        table.pooled(a, a)
+
+
+def test_verdict_against_the_authors_grid_numbers(table: ModuleType) -> None:
+    """yacht, authors' grid: RMSE 0.67 ± 0.05, LL -1.25 ± 0.01."""
+    met = {"ll_mean": -1.26, "rmse_mean": 0.72}
+    assert table.verdict(met, "yacht") == "LL met, RMSE met"
+    close = {"ll_mean": -1.263, "rmse_mean": 0.80}
+    assert table.verdict(close, "yacht") == "LL within rounding (0.003), RMSE over by 0.080"
+    assert table.verdict(None, "yacht") == "not run"
