@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from service.stacked import StackedData, StackedMLP, train_stacked
-from service.training import ArrayLike, TrainConfig, TrainedModel
+from service.training import ArrayLike, TrainConfig, TrainedModel, mlp_architecture
 
 
 def train_concrete_regressor(
@@ -81,12 +81,5 @@ def train_concrete_regressor(
         target_std=y_std,
         history=history,
         architecture="mlp",
-        architecture_config={
-            "in_features": features,
-            "out_features": 1,
-            "hidden": list(config.hidden),
-            "dropout": p_hidden,
-            "input_dropout": p_input,
-            "activation": "relu",
-        },
+        architecture_config=mlp_architecture(learned, features, 1),
     )

@@ -113,6 +113,18 @@ class TrainedModel:
 # --- the recipe ---------------------------------------------------------------------------
 
 
+def mlp_architecture(config: TrainConfig, in_features: int, out_features: int) -> dict[str, Any]:
+    """The `mlp` architecture arguments (as the manifest stores them) for this recipe."""
+    return {
+        "in_features": in_features,
+        "out_features": out_features,
+        "hidden": list(config.hidden),
+        "dropout": config.dropout,
+        "input_dropout": config.effective_input_dropout,
+        "activation": config.activation,
+    }
+
+
 def weight_decay(lengthscale: float, dropout: float, n_train: int, tau: float) -> float:
     """L2 coefficient l^2 (1 - p) / (2 N tau) for a layer whose inputs are dropped with rate p."""
     return lengthscale**2 * (1.0 - dropout) / (2.0 * n_train * tau)
@@ -162,14 +174,9 @@ def train_regressor(
             f"got shape {tuple(y_all.shape)}"
         )
     n_outputs = y_all.shape[1]
-    arch_config: dict[str, Any] = {
-        "in_features": x_all.shape[1],
-        "out_features": n_outputs * (2 if config.heteroscedastic else 1),
-        "hidden": list(config.hidden),
-        "dropout": config.dropout,
-        "input_dropout": config.effective_input_dropout,
-        "activation": config.activation,
-    }
+    arch_config = mlp_architecture(
+        config, x_all.shape[1], n_outputs * (2 if config.heteroscedastic else 1)
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

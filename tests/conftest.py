@@ -160,3 +160,11 @@ def ray_cluster() -> Iterator[RayCluster]:
         yield cluster
     finally:
         stop_cluster()
+
+
+def write_shard_test_models(root: Path) -> None:
+    """`reg` (2 outputs, tau, raw units) and `cls` (3 classes): the sharding tests' models."""
+    write_mlp_model(root / "reg", in_features=3, outputs=("a", "b"), hidden=(16,), tau=2.0,
+                    target_mean=[1.0, 2.0], target_std=[3.0, 0.5])  # fmt: skip
+    write_mlp_model(root / "cls", in_features=3, outputs=("x", "y", "z"), hidden=(16,),
+                    task="classification", dropout=0.3)  # fmt: skip

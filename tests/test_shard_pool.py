@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_mlp_model
+from conftest import write_shard_test_models
 from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
 from torch import nn
 
@@ -44,10 +44,7 @@ def build() -> nn.Module:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
-    write_mlp_model(root / "reg", in_features=3, outputs=("a", "b"), hidden=(16,), tau=2.0,
-                    target_mean=[1.0, 2.0], target_std=[3.0, 0.5])  # fmt: skip
-    write_mlp_model(root / "cls", in_features=3, outputs=("x", "y", "z"), hidden=(16,),
-                    task="classification", dropout=0.3)  # fmt: skip
+    write_shard_test_models(root)
     dies = root / "dies"
     dies.mkdir()
     save_weights(nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.2), nn.Linear(4, 1)),
