@@ -18,7 +18,7 @@ import torch
 
 from service.config import Settings
 from service.engine import MCEngine, MCRequest
-from service.shard_pool import ShardFailed, ShardWorkerDied, _engine
+from service.shard_pool import ShardFailed, ShardWorkerDied, cached_engine
 from service.sharding import ModelRef, PartialStats, Shard
 
 TASK_RETRIES = 2  # reruns of a shard whose actor died (safe: shards are deterministic)
@@ -34,11 +34,11 @@ class ShardActor:
 
     def run(self, model: ModelRef, request: MCRequest, shard: Shard) -> PartialStats:
         """Statistics of one shard of one seeded request."""
-        return _engine(self._engines, model, self._settings).run_shard(request, shard)
+        return cached_engine(self._engines, model, self._settings).run_shard(request, shard)
 
     def load(self, model: ModelRef) -> int:
         """Load the model now; the actor's process id (to tell actors apart)."""
-        _engine(self._engines, model, self._settings)
+        cached_engine(self._engines, model, self._settings)
         return os.getpid()
 
 

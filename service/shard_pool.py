@@ -263,7 +263,7 @@ def serve_shards(conn: Connection, settings: Settings, threads: int) -> None:
             return
         _, model, request, shard = message
         try:
-            engine = _engine(engines, model, settings)
+            engine = cached_engine(engines, model, settings)
             start = time.process_time()
             result = None if shard is None else engine.run_shard(request, shard)
             reply: tuple[str, Any, float] = ("ok", result, time.process_time() - start)
@@ -272,7 +272,7 @@ def serve_shards(conn: Connection, settings: Settings, threads: int) -> None:
         conn.send_bytes(pickle.dumps(reply))
 
 
-def _engine(
+def cached_engine(
     engines: OrderedDict[tuple[str, str], MCEngine], model: ModelRef, settings: Settings
 ) -> MCEngine:
     """The model's engine, loaded on first use; refuses a folder changed since the server."""
