@@ -167,7 +167,7 @@ def start_container(engine: DockerEngine, name: str, *options: str) -> Container
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+def engine() -> Iterator[DockerEngine]:
     try:
         docker = DockerEngine.start()
     except DockerUnavailable as exc:

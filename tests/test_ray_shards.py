@@ -130,9 +130,7 @@ def test_more_shards_than_actors_still_merge_exactly_and_actors_are_other_proces
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_errors_in_an_actor_come_back_with_their_reason(
-    repo: Path, executor: object, tmp_path: Path
-) -> None:
+def test_errors_in_an_actor_come_back_with_their_reason(repo: Path, executor: object) -> None:
     from service.ray_shards import RayShardExecutor
     from service.shard_pool import ShardFailed
 
