@@ -188,7 +188,7 @@ def finish(
 
 
 class ShardExecutor(Protocol):
-    """Runs the shards of one seeded request on some workers (processes, Ray tasks, ...)."""
+    """Runs the shards of one seeded request on some workers (processes, Ray actors, ...)."""
 
     @property
     def workers(self) -> int:
