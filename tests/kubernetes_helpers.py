@@ -424,6 +424,6 @@ def mutated(manifests: list[Manifest], path: str, change: Any) -> list[Manifest]
 
 
 def image_tag(image: str) -> tuple[str, str]:
-    """("mcdrop", "0.1.0-cuda") from "registry.example/mcdrop:0.1.0-cuda"."""
+    """("mcdrop", "0.1.0-cu128") from "registry.example/mcdrop:0.1.0-cu128"."""
     name, _, tag = image.rpartition(":") if re.search(r":[^/]+$", image) else (image, "", "latest")
     return name.rsplit("/", 1)[-1], tag
