@@ -89,7 +89,7 @@ ray-test: ray-extra
 bench-ray: ray-extra  ## 1 vs 2 Ray Serve replicas, and Ray's proxy vs plain uvicorn
 	$(NETNS) $(BIN)/python bench/ray_replicas.py
 
-test: browser docker lint unit ray-test
+test: browser docker lint ray-extra unit ray-test
 
 bench: $(STAMP)
 	$(BIN)/python bench/engine.py
