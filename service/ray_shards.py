@@ -1,7 +1,8 @@
 """RayShardExecutor: a request's sample shards run on Ray actors, anywhere in the cluster.
 
-The Ray counterpart of shard_pool.LocalShardPool. Each actor loads a model once (checked
-against the server's fingerprint) and keeps it; shard i goes to actor i mod n. A shard is a
+The Ray counterpart of shard_pool.LocalShardPool, speaking the same shard_wire bytes (Ray
+only ever carries bytes, no objects of ours are pickled). Each actor loads a model once
+(checked against the server's fingerprint) and keeps it; shard i goes to actor i mod n. A shard is a
 pure function of (model, seeded request, sample range), so Ray may rerun one whose actor died.
 Needs the `ray` extra and a connected Ray (the caller's ray.init, or a Serve replica's).
 """
@@ -19,6 +20,7 @@ import torch
 from service.config import Settings
 from service.engine import MCEngine, MCRequest
 from service.shard_pool import ShardFailed, ShardWorkerDied, cached_engine
+from service.shard_wire import decode, decode_work, encode_stats, encode_work, stats_of
 from service.sharding import ModelRef, PartialStats, Shard
 
 TASK_RETRIES = 2  # reruns of a shard whose actor died (safe: shards are deterministic)
@@ -32,12 +34,17 @@ class ShardActor:
         self._settings = Settings(**settings)
         self._engines: OrderedDict[tuple[str, str], MCEngine] = OrderedDict()
 
-    def run(self, model: ModelRef, request: MCRequest, shard: Shard) -> PartialStats:
-        """Statistics of one shard of one seeded request."""
-        return cached_engine(self._engines, model, self._settings).run_shard(request, shard)
+    def run(self, work: bytes) -> bytes:
+        """Statistics of one shard of one seeded request (shard_wire bytes in and out)."""
+        model, request, shard = decode_work(*decode(work))
+        assert request is not None
+        assert shard is not None
+        stats = cached_engine(self._engines, model, self._settings).run_shard(request, shard)
+        return encode_stats(stats, 0.0)
 
-    def load(self, model: ModelRef) -> int:
+    def load(self, work: bytes) -> int:
         """Load the model now; the actor's process id (to tell actors apart)."""
+        model, _, _ = decode_work(*decode(work))
         cached_engine(self._engines, model, self._settings)
         return os.getpid()
 
@@ -89,16 +96,17 @@ class RayShardExecutor:
         """Every shard on its actor, all at once; results in shard order."""
         actors = assign(len(shards), len(self._actors))
         refs = [
-            self._actors[a].run.remote(model, request, s)
+            self._actors[a].run.remote(encode_work("run", model, request, s))
             for a, s in zip(actors, shards, strict=True)
         ]
         what = f"samples {shards[0].first}..{shards[-1].end - 1} of model '{model.name}'"
-        results: list[PartialStats] = self._get(refs, what)
-        return results
+        replies: list[bytes] = self._get(refs, what)
+        return [stats_of(reply) for reply in replies]
 
     def preload(self, model: ModelRef) -> None:
         """Load the model in every actor, so its first split request does not wait for it."""
-        refs = [a.load.remote(model) for a in self._actors]
+        work = encode_work("load", model, None, None)
+        refs = [a.load.remote(work) for a in self._actors]
         self.pids = self._get(refs, f"loading '{model.name}'")
 
     def close(self) -> None:

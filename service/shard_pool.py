@@ -1,9 +1,10 @@
 """LocalShardPool: persistent worker processes on this machine that run a request's shards.
 
 Each worker is spawned (no fork of a threaded server), uses one torch thread, loads each
-model once from the repository folder and keeps it. Messages are pickled by value (no
-shared-memory handles to leak). A worker that dies mid-shard raises ShardWorkerDied at
-once (its pipe closes) and is replaced before the next request; it never hangs the caller.
+model once from the repository folder and keeps it. Messages are shard_wire bytes (JSON and
+safetensors, never pickle) sent by value, so no shared-memory handles can leak. A worker
+that dies mid-shard raises ShardWorkerDied at once (its pipe closes) and is replaced before
+the next request; it never hangs the caller.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import pickle
 import signal
 import threading
 import time
@@ -29,6 +29,7 @@ from service.engine import MCEngine, MCRequest
 from service.errors import ServiceError
 from service.model import ServedModel
 from service.repository import fingerprint
+from service.shard_wire import decode, decode_stats, decode_work, encode, encode_stats, encode_work
 from service.sharding import ModelRef, PartialStats, Shard
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class LocalShardPool:
         self, model: ModelRef, request: MCRequest, shards: Sequence[Shard]
     ) -> list[PartialStats]:
         """Run every shard (as many at once as there are workers); results in shard order."""
-        messages = [("run", model, request, shard) for shard in shards]
+        messages = [encode_work("run", model, request, shard) for shard in shards]
         what = [f"samples {s.first}..{s.end - 1} of model '{model.name}'" for s in shards]
         results = self._dispatch(messages, what)
         assert all(isinstance(r, PartialStats) for r in results)
@@ -113,7 +114,8 @@ class LocalShardPool:
     def preload(self, model: ModelRef) -> None:
         """Load a model in every worker now, so its first split request does not wait for it."""
         n = self.workers
-        self._dispatch([("load", model, None, None)] * n, [f"loading '{model.name}'"] * n, True)
+        load = encode_work("load", model, None, None)
+        self._dispatch([load] * n, [f"loading '{model.name}'"] * n, True)
 
     def close(self) -> None:
         """Stop every worker (asking first, then terminating); idempotent."""
@@ -132,7 +134,7 @@ class LocalShardPool:
     # -- scheduling -----------------------------------------------------------------------
 
     def _dispatch(
-        self, messages: Sequence[tuple[Any, ...]], what: Sequence[str], one_each: bool = False
+        self, messages: Sequence[bytes], what: Sequence[str], one_each: bool = False
     ) -> list[Any]:
         """Send each message to an idle worker, collect the replies in message order.
 
@@ -156,7 +158,7 @@ class LocalShardPool:
                     if one_each:
                         idle.remove(worker)
                     try:
-                        worker.conn.send_bytes(pickle.dumps(messages[i]))
+                        worker.conn.send_bytes(messages[i])
                     except OSError:
                         error = error or self._died(worker, what[i])
                         continue
@@ -169,16 +171,17 @@ class LocalShardPool:
                     assert isinstance(conn, Connection)
                     worker, i = busy.pop(conn)
                     try:
-                        status, payload, cpu_s = pickle.loads(conn.recv_bytes())
+                        header, tensors = decode(conn.recv_bytes())
                     except (EOFError, OSError):
                         error = error or self._died(worker, what[i])
                         continue
                     idle.append(worker)
-                    if status == "error":
-                        error = error or ShardFailed(f"{worker.describe()}, {what[i]}: {payload}")
+                    if header["kind"] == "error":
+                        reason = header["reason"]
+                        error = error or ShardFailed(f"{worker.describe()}, {what[i]}: {reason}")
                     else:
-                        results[i] = payload
-                        self.last_cpu_s[i] = cpu_s
+                        results[i] = decode_stats(header, tensors)
+                        self.last_cpu_s[i] = float(header["cpu_s"])
             if error is not None:
                 raise error
             return results
@@ -211,7 +214,7 @@ class LocalShardPool:
         parent, child = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=serve_shards,
-            args=(child, self._settings, self._threads),
+            args=(child, self._settings.model_dump(mode="json", exclude_none=True), self._threads),
             name=f"mcdrop-shard-{index}",
             daemon=True,
         )
@@ -223,10 +226,9 @@ class LocalShardPool:
         ready = wait([worker.conn, worker.process.sentinel], timeout=START_TIMEOUT_S)
         if worker.conn in ready:
             try:
-                status, _, _ = pickle.loads(worker.conn.recv_bytes())
-                if status == "ready":
+                if decode(worker.conn.recv_bytes())[0]["kind"] == "ready":
                     return
-            except (EOFError, OSError):
+            except (EOFError, OSError, ValueError):
                 pass
         raise ShardWorkerDied(
             f"{worker.describe()} did not start (exit code {worker.process.exitcode})"
@@ -235,7 +237,7 @@ class LocalShardPool:
     def _stop_all(self) -> None:
         for worker in self._workers:
             with contextlib.suppress(OSError):  # already gone
-                worker.conn.send_bytes(pickle.dumps(("stop",)))
+                worker.conn.send_bytes(encode({"kind": "stop"}))
         for worker in self._workers:
             worker.process.join(timeout=STOP_TIMEOUT_S)
             if worker.process.is_alive():
@@ -248,28 +250,30 @@ class LocalShardPool:
 # -- the worker process ----------------------------------------------------------------------
 
 
-def serve_shards(conn: Connection, settings: Settings, threads: int) -> None:
-    """Worker main loop: answer ("run", model, request, shard) and ("load", model) until stop."""
+def serve_shards(conn: Connection, settings: dict[str, Any], threads: int) -> None:
+    """Worker main loop: answer "run" and "load" messages until "stop" (see shard_wire)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
     torch.set_num_threads(threads)
+    served = Settings(**settings)
     engines: OrderedDict[tuple[str, str], MCEngine] = OrderedDict()
-    conn.send_bytes(pickle.dumps(("ready", None, 0.0)))
+    conn.send_bytes(encode({"kind": "ready"}))
     while True:
         try:
-            message = pickle.loads(conn.recv_bytes())
+            message = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the server went away
-        if message[0] == "stop":
-            return
-        _, model, request, shard = message
         try:
-            engine = cached_engine(engines, model, settings)
+            header, tensors = decode(message)
+            if header["kind"] == "stop":
+                return
+            model, request, shard = decode_work(header, tensors)
+            engine = cached_engine(engines, model, served)
             start = time.process_time()
-            result = None if shard is None else engine.run_shard(request, shard)
-            reply: tuple[str, Any, float] = ("ok", result, time.process_time() - start)
+            result = None if shard is None or request is None else engine.run_shard(request, shard)
+            reply = encode_stats(result, time.process_time() - start)
         except Exception as exc:
-            reply = ("error", f"{type(exc).__name__}: {exc}", 0.0)
-        conn.send_bytes(pickle.dumps(reply))
+            reply = encode({"kind": "error", "reason": f"{type(exc).__name__}: {exc}"})
+        conn.send_bytes(reply)
 
 
 def cached_engine(
