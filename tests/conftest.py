@@ -14,6 +14,9 @@ from torch import nn
 
 from service.architectures import Activation, build_mlp
 from service.loading import save_weights
+from service.model import ServedModel
+from service.repository import fingerprint
+from service.sharding import ModelRef, ShardExecutor, run_split
 from service.uncertainty import ClassificationSummary, RegressionSummary
 
 
@@ -168,3 +171,36 @@ def write_shard_test_models(root: Path) -> None:
                     target_mean=[1.0, 2.0], target_std=[3.0, 0.5])  # fmt: skip
     write_mlp_model(root / "cls", in_features=3, outputs=("x", "y", "z"), hidden=(16,),
                     task="classification", dropout=0.3)  # fmt: skip
+
+
+def shard_ref(folder: Path) -> ModelRef:
+    """The ModelRef a server would hand its shard executor for this model folder."""
+    return ModelRef(folder.name, folder, fingerprint(folder))
+
+
+def assert_split_answers_like_one_process(
+    executor: ShardExecutor, folder: Path, mask_mode: str
+) -> None:
+    """A seeded 1,003-sample request split over `executor` equals the unsplit engine's answer."""
+    model = ServedModel.load(folder)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    opts = model.options(1003, seed=7, mask_mode=mask_mode, return_samples=20)  # type: ignore[arg-type]
+    request = model.request(x, opts)
+    split = run_split(executor, shard_ref(folder), model.engine.head, request, min_shard=256)
+    whole = model.engine.run_many([request])[0]
+    assert type(split) is type(whole)
+    if isinstance(whole, RegressionSummary):
+        assert isinstance(split, RegressionSummary)
+        for field in ("mean", "epistemic_variance", "aleatoric_variance", "samples"):
+            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
+                                       rtol=1e-12, atol=1e-12, msg=field)  # fmt: skip
+        low, high = whole.empirical_intervals[0.95].lower, whole.empirical_intervals[0.95].upper
+        torch.testing.assert_close(split.empirical_intervals[0.95].lower, low)
+        torch.testing.assert_close(split.empirical_intervals[0.95].upper, high)
+    else:
+        assert isinstance(whole, ClassificationSummary)
+        assert isinstance(split, ClassificationSummary)
+        for field in ("probabilities", "probabilities_std", "entropy", "expected_entropy",
+                      "variation_ratio", "samples"):  # fmt: skip
+            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
+                                       rtol=1e-12, atol=1e-12, msg=field)  # fmt: skip

@@ -14,13 +14,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import write_shard_test_models
+from conftest import assert_split_answers_like_one_process, shard_ref, write_shard_test_models
 from http_helpers import decode_outputs, oip_body, serve, settings_for
 from ray_helpers import RayCluster, wait_until
 
 from service.config import Settings
 from service.model import ServedModel
-from service.repository import fingerprint
 from service.sharding import ModelRef, Shard, finish, merge_partials, run_split
 from service.uncertainty import ClassificationSummary, RegressionSummary
 
@@ -74,10 +73,6 @@ def free_cpus() -> float:
     return float(ray.available_resources().get("CPU", 0.0))
 
 
-def _ref(folder: Path) -> ModelRef:
-    return ModelRef(folder.name, folder, fingerprint(folder))
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("mask_mode", ["independent", "shared"])
@@ -88,21 +83,7 @@ def test_ray_actors_answer_what_one_process_answers(
     from service.ray_shards import RayShardExecutor
 
     assert isinstance(executor, RayShardExecutor)
-    model = ServedModel.load(repo / name)
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    opts = model.options(1003, seed=7, mask_mode=mask_mode, return_samples=20)  # type: ignore[arg-type]
-    request = model.request(x, opts)
-    split = run_split(executor, _ref(repo / name), model.engine.head, request, min_shard=256)
-    whole = model.engine.run_many([request])[0]
-    assert type(split) is type(whole)
-    fields = (
-        ("mean", "epistemic_variance", "aleatoric_variance", "samples")
-        if isinstance(whole, RegressionSummary)
-        else ("probabilities", "probabilities_std", "entropy", "expected_entropy", "samples")
-    )
-    for field in fields:
-        torch.testing.assert_close(getattr(split, field), getattr(whole, field),
-                                   rtol=1e-12, atol=1e-12, msg=field)  # fmt: skip
+    assert_split_answers_like_one_process(executor, repo / name, mask_mode)
 
 
 @pytest.mark.ray
@@ -113,13 +94,13 @@ def test_more_shards_than_actors_still_merge_exactly_and_actors_are_other_proces
     from service.ray_shards import RayShardExecutor
 
     assert isinstance(executor, RayShardExecutor)
-    executor.preload(_ref(repo / "cls"))
+    executor.preload(shard_ref(repo / "cls"))
     assert len(set(executor.pids)) == ACTORS
     assert os.getpid() not in executor.pids
     model = ServedModel.load(repo / "cls")
     request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
     shards = [Shard(a, b - a) for a, b in [(0, 200), (200, 304), (304, 640), (640, 1000)]]
-    parts = executor.run_shards(_ref(repo / "cls"), request, shards)
+    parts = executor.run_shards(shard_ref(repo / "cls"), request, shards)
     assert [p.first for p in parts] == [0, 200, 304, 640]
     split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
     whole = model.engine.run_many([request])[0]
@@ -154,17 +135,17 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
     free_before = free_cpus()
     shards = RayShardExecutor(1, Settings(device="cpu"), num_cpus=ACTOR_CPUS)
     try:
-        shards.preload(_ref(repo / "reg"))
+        shards.preload(shard_ref(repo / "reg"))
         (first_pid,) = shards.pids
         ray.kill(shards._actors[0], no_restart=False)
         model = ServedModel.load(repo / "reg")
         request = model.request(torch.ones(2, 3), model.options(640, seed=3))
-        split = run_split(shards, _ref(repo / "reg"), model.engine.head, request, min_shard=64)
+        split = run_split(shards, shard_ref(repo / "reg"), model.engine.head, request, min_shard=64)
         whole = model.engine.run_many([request])[0]
         assert isinstance(split, RegressionSummary)
         assert isinstance(whole, RegressionSummary)
         torch.testing.assert_close(split.mean, whole.mean, rtol=1e-12, atol=1e-12)
-        shards.preload(_ref(repo / "reg"))
+        shards.preload(shard_ref(repo / "reg"))
         assert shards.pids[0] != first_pid  # it really was a new process
     finally:
         shards.close()

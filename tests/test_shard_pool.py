@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_shard_test_models
+from conftest import assert_split_answers_like_one_process, shard_ref, write_shard_test_models
 from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
 from torch import nn
 
 from service.loading import save_weights
 from service.model import ServedModel
-from service.repository import fingerprint
 from service.shard_pool import LocalShardPool, ShardFailed, ShardWorkerDied
 from service.sharding import ModelRef, Shard, finish, merge_partials, run_split
 from service.uncertainty import ClassificationSummary, RegressionSummary
@@ -64,37 +63,12 @@ def pool() -> Iterator[LocalShardPool]:
         yield shard_pool
 
 
-def _ref(folder: Path) -> ModelRef:
-    return ModelRef(folder.name, folder, fingerprint(folder))
-
-
 @pytest.mark.parametrize("mask_mode", ["independent", "shared"])
 @pytest.mark.parametrize("name", ["reg", "cls"])
 def test_the_pool_answers_what_one_process_answers(
     repo: Path, pool: LocalShardPool, name: str, mask_mode: str
 ) -> None:
-    model = ServedModel.load(repo / name)
-    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    opts = model.options(1003, seed=7, mask_mode=mask_mode, return_samples=20)  # type: ignore[arg-type]
-    request = model.request(x, opts)
-    split = run_split(pool, _ref(repo / name), model.engine.head, request, min_shard=256)
-    whole = model.engine.run_many([request])[0]
-    assert type(split) is type(whole)
-    if isinstance(whole, RegressionSummary):
-        assert isinstance(split, RegressionSummary)
-        for field in ("mean", "epistemic_variance", "aleatoric_variance", "samples"):
-            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
-                                       rtol=1e-12, atol=1e-12)  # fmt: skip
-        low, high = whole.empirical_intervals[0.95].lower, whole.empirical_intervals[0.95].upper
-        torch.testing.assert_close(split.empirical_intervals[0.95].lower, low)
-        torch.testing.assert_close(split.empirical_intervals[0.95].upper, high)
-    else:
-        assert isinstance(whole, ClassificationSummary)
-        assert isinstance(split, ClassificationSummary)
-        for field in ("probabilities", "probabilities_std", "entropy", "expected_entropy",
-                      "variation_ratio", "samples"):  # fmt: skip
-            torch.testing.assert_close(getattr(split, field), getattr(whole, field),
-                                       rtol=1e-12, atol=1e-12)  # fmt: skip
+    assert_split_answers_like_one_process(pool, repo / name, mask_mode)
 
 
 def test_more_shards_than_workers_queue_and_still_merge_exactly(
@@ -103,7 +77,7 @@ def test_more_shards_than_workers_queue_and_still_merge_exactly(
     model = ServedModel.load(repo / "cls")
     request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
     shards = [(0, 200), (200, 304), (304, 640), (640, 1000)]
-    parts = pool.run_shards(_ref(repo / "cls"), request, [Shard(a, b - a) for a, b in shards])
+    parts = pool.run_shards(shard_ref(repo / "cls"), request, [Shard(a, b - a) for a, b in shards])
     assert [p.first for p in parts] == [0, 200, 304, 640]
     split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
     whole = model.engine.run_many([request])[0]
@@ -125,7 +99,7 @@ def test_a_killed_worker_is_replaced_before_the_next_request(
     while pool.alive()[1]:  # until the kernel has delivered it and the process is gone
         assert time.monotonic() < give_up, "a worker still alive 30 s after SIGKILL"
         time.sleep(0.01)
-    split = run_split(pool, _ref(repo / "reg"), model.engine.head, request, min_shard=256)
+    split = run_split(pool, shard_ref(repo / "reg"), model.engine.head, request, min_shard=256)
     assert pool.pids[0] == before[0]
     assert pool.pids[1] != before[1]
     assert isinstance(split, RegressionSummary)
@@ -139,10 +113,10 @@ def test_a_worker_dying_mid_request_is_a_clear_error_not_a_hang(
     request = dies.request(torch.ones(1, 2), dies.options(512, seed=0))
     died = r"died \(exit code 3\) during samples \d+\.\.\d+ of model 'dies'"
     with pytest.raises(ShardWorkerDied, match=died):
-        run_split(pool, _ref(repo / "dies"), dies.engine.head, request, min_shard=256)
+        run_split(pool, shard_ref(repo / "dies"), dies.engine.head, request, min_shard=256)
     reg = ServedModel.load(repo / "reg")  # the pool recovers for the next request
     request = reg.request(torch.ones(1, 3), reg.options(512, seed=0))
-    assert run_split(pool, _ref(repo / "reg"), reg.engine.head, request).samples_used == 512
+    assert run_split(pool, shard_ref(repo / "reg"), reg.engine.head, request).samples_used == 512
 
 
 def test_errors_inside_a_worker_come_back_with_their_reason(
@@ -154,7 +128,7 @@ def test_errors_inside_a_worker_come_back_with_their_reason(
     with pytest.raises(ShardFailed, match="changed on disk since the server loaded it"):
         run_split(pool, stale, model.engine.head, request, min_shard=256)
     with pytest.raises(ShardFailed, match=r"ValueError: shard samples 0\.\.1023 run past"):
-        pool.run_shards(_ref(repo / "reg"), request, [Shard(0, 1024)])
+        pool.run_shards(shard_ref(repo / "reg"), request, [Shard(0, 1024)])
 
 
 def test_closing_stops_every_worker_and_refuses_more_work(repo: Path) -> None:
@@ -167,7 +141,7 @@ def test_closing_stops_every_worker_and_refuses_more_work(repo: Path) -> None:
     model = ServedModel.load(repo / "reg")
     request = model.request(torch.ones(1, 3), model.options(512, seed=0))
     with pytest.raises(ShardFailed, match="closed"):
-        run_split(shard_pool, _ref(repo / "reg"), model.engine.head, request)
+        run_split(shard_pool, shard_ref(repo / "reg"), model.engine.head, request)
 
 
 # -- the served path -----------------------------------------------------------------------
