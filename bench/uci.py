@@ -116,6 +116,16 @@ def reference_loop(
     return rmse, float(ll.mean())
 
 
+def _record(
+    report: dict[str, Any], key: str, result: dict[str, Any], out: Path | None, line: str
+) -> None:
+    """Add one comparison to the report, say it on stderr, and rewrite --out."""
+    report[key] = result
+    print(line, file=sys.stderr)
+    if out:
+        out.write_text(json.dumps(report, indent=1))
+
+
 def compare_loop(dataset: UCIDataset, protocol: Protocol, samples: int) -> dict[str, Any]:
     """Engine vs per-sample loop on split 0's test rows, same network (trained briefly: the
     timing does not depend on the weights), timed side by side in this run."""
@@ -229,27 +239,18 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=1))
     if args.compare_loop:
         dataset = load_dataset(args.data / args.compare_loop)
-        report["compare_loop"] = compare_loop(dataset, protocol, args.samples)
-        c = report["compare_loop"]
-        print(
-            f"evaluation of {c['rows']} rows x {c['samples']} samples: engine "
-            f"{c['engine_seconds']:.1f} s, per-sample loop {c['loop_seconds']:.1f} s "
-            f"({c['loop_over_engine']:.2f}x)",
-            file=sys.stderr,
-        )
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1))
+        c = compare_loop(dataset, protocol, args.samples)
+        _record(report, "compare_loop", c, args.out,
+                f"evaluation of {c['rows']} rows x {c['samples']} samples: engine "
+                f"{c['engine_seconds']:.1f} s, per-sample loop {c['loop_seconds']:.1f} s "
+                f"({c['loop_over_engine']:.2f}x)")  # fmt: skip
     if args.compare_training:
         dataset = load_dataset(args.data / args.compare_training)
-        report["compare_training"] = c = compare_training(dataset, protocol)
-        print(
-            f"training {c['networks']} networks x {c['epochs']} epochs: one by one "
-            f"{c['one_by_one_seconds']:.1f} s, stacked {c['stacked_seconds']:.1f} s "
-            f"({c['one_by_one_over_stacked']:.2f}x)",
-            file=sys.stderr,
-        )
-        if args.out:
-            args.out.write_text(json.dumps(report, indent=1))
+        c = compare_training(dataset, protocol)
+        _record(report, "compare_training", c, args.out,
+                f"training {c['networks']} networks x {c['epochs']} epochs: one by one "
+                f"{c['one_by_one_seconds']:.1f} s, stacked {c['stacked_seconds']:.1f} s "
+                f"({c['one_by_one_over_stacked']:.2f}x)")  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
     return 0
