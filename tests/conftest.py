@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
@@ -204,3 +205,12 @@ def assert_split_answers_like_one_process(
                       "variation_ratio", "samples"):  # fmt: skip
             torch.testing.assert_close(getattr(split, field), getattr(whole, field),
                                        rtol=1e-12, atol=1e-12, msg=field)  # fmt: skip
+
+
+def write_line_csv(path: Path, rows: int) -> Path:
+    """y = 2a - b + noise(0.1) on `rows` rows, with a header line (seeded)."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=(rows, 2))
+    y = 2 * x[:, 0] - x[:, 1] + rng.normal(0, 0.1, size=rows)
+    np.savetxt(path, np.c_[x, y], delimiter=",", header="a,b,y", comments="")
+    return path

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import write_line_csv
 
 from service import demo_models as dm
 from service.cli import main
@@ -35,12 +36,7 @@ def _cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def csv_file(tmp_path: Path) -> Path:
     """y = 2a - b + noise(0.1) on 120 rows, with a header line."""
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=(120, 2))
-    y = 2 * x[:, 0] - x[:, 1] + rng.normal(0, 0.1, size=120)
-    path = tmp_path / "line.csv"
-    np.savetxt(path, np.c_[x, y], delimiter=",", header="a,b,y", comments="")
-    return path
+    return write_line_csv(tmp_path / "line.csv", 120)
 
 
 def _error(capsys: Capsys, argv: list[str]) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_line_csv
 
 from service.cli import main
 from service.concrete_training import train_concrete_regressor
@@ -20,12 +21,7 @@ from service.uncertainty import RegressionSummary
 @pytest.fixture
 def csv_file(tmp_path: Path) -> Path:
     """y = 2a - b + noise(0.1) on 200 rows, with a header line."""
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=(200, 2))
-    y = 2 * x[:, 0] - x[:, 1] + rng.normal(0, 0.1, size=200)
-    path = tmp_path / "line.csv"
-    np.savetxt(path, np.c_[x, y], delimiter=",", header="a,b,y", comments="")
-    return path
+    return write_line_csv(tmp_path / "line.csv", 200)
 
 
 def test_cli_concrete_model_serves_with_its_learned_rates(
