@@ -34,7 +34,11 @@ class OutputHead:
 
 
 class Accumulators:
-    """Per-run streaming state: moments of per-sample features, kept samples, log-likelihood."""
+    """Per-run streaming state: moments of per-sample features, kept samples, log-likelihood.
+
+    Regression keeps the first samples of each row for empirical intervals only when
+    `intervals` is set (some request asked for interval levels).
+    """
 
     def __init__(
         self,
@@ -45,10 +49,11 @@ class Accumulators:
         targets: Tensor | None,
         device: torch.device,
         start: int = 0,
+        intervals: bool = True,
     ) -> None:
         self.head = head
         self.start = start  # first sample index fed in: 0, or a shard's first sample
-        quantiles = QUANTILE_SAMPLES if head.task == "regression" else 0
+        quantiles = QUANTILE_SAMPLES if head.task == "regression" and intervals else 0
         self.keep = min(max_samples, max(returned, quantiles))
         self.kept: Tensor | None = None
         self.kept_aleatoric: Tensor | None = None

@@ -8,6 +8,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# 4 Mi float32 elements (16 MB) per activation: below glibc's 32 MB mmap ceiling, so a chunk's
+# buffers are reused from the heap instead of being mapped and page-faulted afresh each chunk.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
 DeviceName = Literal["cpu", "cuda", "auto"]
 
 
@@ -19,7 +23,9 @@ class Settings(BaseSettings):
     model_repository: Path = Field(Path("models"), description="one subfolder per model")
     device: DeviceName | None = Field(None, description="overrides every manifest's device")
     chunk_elements: int = Field(
-        1 << 24, ge=1024, description="largest activation (elements) one forward chunk may hold"
+        DEFAULT_CHUNK_ELEMENTS,
+        ge=1024,
+        description="largest activation (elements) one forward chunk may hold",
     )
     compile: bool | None = Field(None, description="overrides every manifest's compile flag")
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from service.accumulators import Accumulators, OutputHead
+from service.config import DEFAULT_CHUNK_ELEMENTS
 from service.sampling import RowKeys, SamplingContext, Site
 from service.sharding import PartialStats, Shard
 from service.sites import SampleSelection
@@ -109,7 +110,7 @@ class MCEngine:
         device: str = "cpu",
         dtype: str = "float32",
         compile: bool = False,
-        chunk_elements: int = 1 << 24,
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         output_scale: Tensor | None = None,
         output_shift: Tensor | None = None,
     ) -> None:
@@ -225,7 +226,10 @@ class MCEngine:
         first = opts[0]
         max_samples = first.max_samples if first.samples == "auto" else first.samples
         returned = max(o.return_samples for o in opts)
-        acc = Accumulators(self.head, rows, max_samples, returned, targets, self.device)
+        intervals = any(o.interval_levels for o in opts)
+        acc = Accumulators(
+            self.head, rows, max_samples, returned, targets, self.device, intervals=intervals
+        )
         done = 0
         for round_end in self._rounds(first):
             self._sweep(acc, boundary, keys, done, round_end, first.mask_mode)
@@ -282,7 +286,7 @@ class MCEngine:
             boundary = self._prefix([request.x.to(self.device, self.dtype)])
             acc = Accumulators(
                 self.head, rows, opts.samples, opts.return_samples, request.targets,
-                self.device, start=shard.first,
+                self.device, start=shard.first, intervals=bool(opts.interval_levels),
             )  # fmt: skip
             self._sweep(acc, boundary, keys, shard.first, shard.end, opts.mask_mode)
             return PartialStats.from_accumulators(acc, shard)

@@ -65,10 +65,12 @@ def keep_mask(
     dtype = np.bool_ if scale is None else np.float32
     keep: np.ndarray = np.empty((len(rows), n_samples, elems), dtype=dtype)
 
+    factor = np.float32(1.0 if scale is None else scale)
     for i, (seed, row) in enumerate(zip(seeds, rows, strict=True)):
         bits = _row_bits(seed, site, row, first_sample, n_samples, elems)
-        np.greater_equal(bits, threshold, out=keep[i], casting="unsafe")
-    if scale is not None:
-        keep *= scale
+        if scale is None:
+            np.greater_equal(bits, threshold, out=keep[i])
+        else:  # scaled while this row's bits are still in cache
+            np.multiply(bits >= threshold, factor, out=keep[i])
     mask = torch.from_numpy(keep).view(len(rows), n_samples, *elem_shape)
     return mask if device.type == "cpu" else mask.to(device, non_blocking=True)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from service.architectures import build_mlp
 from service.concrete import concrete_keep, entropy_penalty
+from service.config import DEFAULT_CHUNK_ELEMENTS
 
 Runs = list[tuple[int, int, float]]
 
@@ -276,7 +277,7 @@ def mc_scores(
     tau: Tensor,
     samples: int,
     seed: int = 0,
-    chunk: int = 1 << 24,
+    chunk: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
     """RMSE [M] of the MC mean and mean MC-mixture log-likelihood [M], raw units, streamed.
 

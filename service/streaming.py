@@ -100,10 +100,14 @@ class StreamingLogMeanExp:
         blocks = v.view(r, s // BLOCK, BLOCK, 1)
         peak = blocks.amax(dim=2).clamp_min(torch.finfo(torch.float64).min)
         block_lse = peak + _block_sum((blocks - peak.unsqueeze(2)).exp()).log()
-        acc = self.log_sum[rows]
-        for b in range(block_lse.shape[1]):
-            acc = torch.logaddexp(acc, block_lse[:, b, 0])
-        self.log_sum[rows] = acc
+        folded = torch.cat([self.log_sum[rows, None], block_lse[..., 0]], dim=1)
+        if folded.device.type == "cpu":  # a sequential scan: the same fold however it is chunked
+            self.log_sum[rows] = torch.logcumsumexp(folded, dim=1)[:, -1]
+        else:  # GPU scans associate by length, so fold block by block
+            acc = folded[:, 0]
+            for b in range(1, folded.shape[1]):
+                acc = torch.logaddexp(acc, folded[:, b])
+            self.log_sum[rows] = acc
         self.count[rows] += int(valid.sum())
 
     @property

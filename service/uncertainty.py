@@ -155,7 +155,7 @@ def empirical_intervals(
     Aleatoric noise (std [B, D] or [B, K, D]) is added to each kept sample from a
     seeded generator so the quantiles describe the total predictive, not only the mean's.
     """
-    if samples.shape[1] == 0:
+    if samples.shape[1] == 0 or not levels:
         return {}
     draws = samples
     if bool((aleatoric_std > 0).any()):

@@ -227,3 +227,25 @@ def test_shard_statistics_are_those_of_their_own_samples_only() -> None:
     assert whole.samples is not None
     part = engine.run_shard(MCRequest(x, MCOptions(samples=64, seed=3)), Shard(24, 16))
     torch.testing.assert_close(part.mean[:, :3], whole.samples[:, 24:40].mean(1))
+
+
+def test_without_interval_levels_no_samples_are_kept_and_the_moments_are_unchanged() -> None:
+    """Kept samples only serve empirical intervals; a request asking for none skips them."""
+    engine = _engine("regression")
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
+    y = torch.randn(3, 2, generator=torch.Generator().manual_seed(8))
+    with_levels = MCRequest(x, MCOptions(samples=64, seed=4), targets=y)
+    without = MCRequest(x, MCOptions(samples=64, seed=4, interval_levels=()), targets=y)
+    assert engine.run_shard(with_levels, Shard(0, 64)).kept is not None
+    part = engine.run_shard(without, Shard(0, 64))
+    assert part.kept is None
+    plain, full = engine.run_many([without])[0], engine.run_many([with_levels])[0]
+    assert isinstance(plain, RegressionSummary)
+    assert isinstance(full, RegressionSummary)
+    assert plain.empirical_intervals == {}
+    assert set(full.empirical_intervals) == {0.95}
+    assert torch.equal(plain.mean, full.mean)
+    assert torch.equal(plain.epistemic_variance, full.epistemic_variance)
+    assert plain.log_likelihood is not None
+    assert full.log_likelihood is not None
+    assert torch.equal(plain.log_likelihood, full.log_likelihood)
