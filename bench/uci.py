@@ -2,8 +2,9 @@
 
 `python bench/uci.py` runs the full protocol (service/uci.py) on the nine datasets of
 ../shared/uci; `--datasets yacht --splits 2 --samples 1000 --json` is the quick form.
-`--compare-loop` also times the engine against the reference implementation's loop of one
-forward call per MC sample, on one dataset's first split, in the same run.
+`--compare-loop` also times the engine (independent and shared masks) against the reference
+implementation's loop of one forward call per MC sample, on one dataset's first split, in
+interleaved rounds of the same run.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,15 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.engine import MCOptions
+from service import scoring
+from service.engine import MaskMode
 from service.stacked import StackedMLP
 from service.uci import (
     DatasetResult,
     Protocol,
     Stage,
     UCIDataset,
+    evaluation_options,
     load_dataset,
     make_engine,
     run_dataset,
@@ -36,6 +41,7 @@ from service.uci import (
     train_stage,
     validation_split,
 )
+from service.uncertainty import RegressionSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "uci"
@@ -72,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--compare-loop", metavar="DATASET", help="time engine vs per-sample loop")
     ap.add_argument(
+        "--compare-rounds", type=int, default=3, help="interleaved rounds of --compare-loop"
+    )
+    ap.add_argument(
         "--compare-training",
         metavar="DATASET",
         help="time split 0's grid trained one network at a time vs stacked",
@@ -80,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, help="also write the JSON here after every dataset")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    for name in ("samples", "validation_samples", "splits", "threads"):
+    for name in ("samples", "validation_samples", "splits", "threads", "compare_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -99,9 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def reference_loop(
     network: nn.Module, x: Tensor, y: Tensor, y_mean: float, y_std: float, tau: float, samples: int
-) -> tuple[float, float]:
+) -> tuple[Tensor, float]:
     """The reference implementation's way: one forward call per sample over all rows x [B, F]
-    (nn.Dropout in train mode), mean and MC-mixture log-likelihood accumulated as it goes."""
+    (nn.Dropout in train mode), mean and MC-mixture log-likelihood accumulated as it goes.
+    Returns the MC mean [B, 1] in raw units and the mean test log-likelihood."""
     network.train()
     total = torch.zeros_like(y, dtype=torch.float64)
     lse = torch.full((len(y),), -math.inf, dtype=torch.float64)
@@ -111,9 +121,8 @@ def reference_loop(
             total += out
             lse = torch.logaddexp(lse, (-tau / 2 * (y - out).square()).sum(dim=1))
     network.eval()
-    rmse = float((total / samples - y).square().mean().sqrt())
     ll = lse - math.log(samples) - 0.5 * math.log(2 * math.pi) + 0.5 * math.log(tau)
-    return rmse, float(ll.mean())
+    return total / samples, float(ll.mean())
 
 
 def _record(
@@ -126,9 +135,12 @@ def _record(
         out.write_text(json.dumps(report, indent=1))
 
 
-def compare_loop(dataset: UCIDataset, protocol: Protocol, samples: int) -> dict[str, Any]:
-    """Engine vs per-sample loop on split 0's test rows, same network (trained briefly: the
-    timing does not depend on the weights), timed side by side in this run."""
+def compare_loop(
+    dataset: UCIDataset, protocol: Protocol, samples: int, rounds: int
+) -> dict[str, Any]:
+    """Engine (independent and shared masks) vs per-sample loop on split 0's test rows, same
+    network (trained briefly: the timing does not depend on the weights), in interleaved
+    rounds whose starting way rotates; medians reported."""
     train, test = dataset.splits[0]
     table = standardised(dataset, train)
     torch.manual_seed(protocol.seed)
@@ -137,25 +149,47 @@ def compare_loop(dataset: UCIDataset, protocol: Protocol, samples: int) -> dict[
     y = torch.from_numpy(dataset.y[test])[:, None].double()
     tau = dataset.tau_grid[0]
     engine = make_engine(network, table, tau)
-    start = time.perf_counter()
-    summary = engine.run(table.x[test], MCOptions(samples=samples, seed=0), targets=y)
-    engine_s = time.perf_counter() - start
-    assert summary.log_likelihood is not None  # type: ignore[union-attr]
-    start = time.perf_counter()
-    loop_rmse, loop_ll = reference_loop(
-        network, table.x[test], y, table.y_mean, table.y_std, tau, samples
-    )
-    loop_s = time.perf_counter() - start
+
+    def run_engine(mode: MaskMode) -> Callable[[], tuple[Tensor, float]]:
+        def run() -> tuple[Tensor, float]:
+            summary = engine.run(table.x[test], evaluation_options(samples, 0, mode), targets=y)
+            assert isinstance(summary, RegressionSummary)
+            assert summary.log_likelihood is not None
+            return summary.mean, scoring.mean_log_likelihood(summary.log_likelihood)
+
+        return run
+
+    def loop() -> tuple[Tensor, float]:
+        return reference_loop(network, table.x[test], y, table.y_mean, table.y_std, tau, samples)
+
+    ways = {"engine": run_engine("independent"), "engine_shared": run_engine("shared"),
+            "loop": loop}  # fmt: skip
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    answers: dict[str, tuple[Tensor, float]] = {}
+    names = list(ways)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            answers[name] = ways[name]()
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
     return {
         "dataset": dataset.name,
         "rows": len(test),
         "samples": samples,
-        "engine_seconds": engine_s,
-        "loop_seconds": loop_s,
-        "loop_over_engine": loop_s / engine_s,
-        "engine_ll": float(summary.log_likelihood.mean()),  # type: ignore[union-attr]
-        "loop_ll": loop_ll,
-        "loop_rmse": loop_rmse,
+        "rounds": rounds,
+        "engine_seconds": median["engine"],
+        "engine_shared_seconds": median["engine_shared"],
+        "loop_seconds": median["loop"],
+        "loop_over_engine": median["loop"] / median["engine"],
+        "loop_over_engine_shared": median["loop"] / median["engine_shared"],
+        "all_seconds": seconds,
+        **{f"{name}_ll": ll for name, (_, ll) in answers.items()},
+        **{f"{name}_rmse": scoring.rmse(mean, y) for name, (mean, _) in answers.items()},
+        "largest_mean_gap_over_y_std": max(
+            float((mean - answers["loop"][0]).abs().max()) / table.y_std
+            for mean, _ in answers.values()
+        ),
     }
 
 
@@ -239,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=1))
     if args.compare_loop:
         dataset = load_dataset(args.data / args.compare_loop)
-        c = compare_loop(dataset, protocol, args.samples)
+        c = compare_loop(dataset, protocol, args.samples, args.compare_rounds)
         _record(report, "compare_loop", c, args.out,
-                f"evaluation of {c['rows']} rows x {c['samples']} samples: engine "
-                f"{c['engine_seconds']:.1f} s, per-sample loop {c['loop_seconds']:.1f} s "
-                f"({c['loop_over_engine']:.2f}x)")  # fmt: skip
+                f"evaluation of {c['rows']} rows x {c['samples']} samples, medians of "
+                f"{c['rounds']}: engine {c['engine_seconds']:.2f} s, shared masks "
+                f"{c['engine_shared_seconds']:.2f} s, per-sample loop {c['loop_seconds']:.2f} s "
+                f"(loop/engine {c['loop_over_engine']:.2f}x, "
+                f"loop/shared {c['loop_over_engine_shared']:.2f}x)")  # fmt: skip
     if args.compare_training:
         dataset = load_dataset(args.data / args.compare_training)
         c = compare_training(dataset, protocol)

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from service import scoring
-from service.engine import MCEngine, MCOptions
+from service.engine import MaskMode, MCEngine, MCOptions
 from service.stacked import StackedData, StackedMLP, mc_scores, train_stacked
 from service.uncertainty import RegressionSummary
 
@@ -328,12 +328,17 @@ def evaluate_network(
 ) -> tuple[float, float]:
     """RMSE and mean MC-mixture log-likelihood (raw units) of `rows` through MCEngine."""
     engine = make_engine(network, table, tau)
-    summary = engine.run(table.x[rows], MCOptions(samples=samples, seed=seed), targets=y.double())
+    summary = engine.run(table.x[rows], evaluation_options(samples, seed), targets=y.double())
     assert isinstance(summary, RegressionSummary)
     assert summary.log_likelihood is not None
     return scoring.rmse(summary.mean, y.double()), scoring.mean_log_likelihood(
         summary.log_likelihood
     )
+
+
+def evaluation_options(samples: int, seed: int, mask_mode: MaskMode = "independent") -> MCOptions:
+    """Test scoring needs only the MC mean and the mixture log-likelihood: no intervals."""
+    return MCOptions(samples=samples, seed=seed, mask_mode=mask_mode, interval_levels=())
 
 
 def make_engine(network: torch.nn.Module, table: Table, tau: float) -> MCEngine:

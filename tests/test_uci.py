@@ -144,3 +144,26 @@ def test_quick_bench_on_yacht(
     assert result["ll_mean"] == pytest.approx(float(np.mean(lls)))
     assert result["ll_se"] == pytest.approx(float(np.std(lls, ddof=1) / math.sqrt(2)))
     assert result["seconds"]["total"] > 0
+
+
+def test_compare_loop_times_three_ways_that_agree(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine (both mask modes) and the per-sample loop estimate the same means and LL."""
+    _write_dataset(tmp_path / "line", noise=0.3)
+    monkeypatch.syspath_prepend(str(ROOT))
+    import bench.uci as bench_uci
+
+    argv = ["--data", str(tmp_path), "--datasets", "--compare-loop", "line", "--samples",
+            "4000", "--compare-rounds", "2", "--json", "--no-progress"]  # fmt: skip
+    assert bench_uci.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    c = report["compare_loop"]
+    assert (c["rows"], c["samples"], c["rounds"]) == (12, 4000, 2)
+    assert all(len(times) == 2 and min(times) > 0 for times in c["all_seconds"].values())
+    assert c["loop_over_engine"] == pytest.approx(c["loop_seconds"] / c["engine_seconds"])
+    assert math.isfinite(c["loop_ll"])
+    assert c["engine_ll"] == pytest.approx(c["loop_ll"], abs=0.01)
+    assert c["engine_shared_ll"] == pytest.approx(c["loop_ll"], abs=0.01)
+    # per-row MC means agree to MC error (~0.01); dropping the 1/(1-p) scale gives ~0.13
+    assert c["largest_mean_gap_over_y_std"] < 0.04
