@@ -1,8 +1,8 @@
 """Markdown tables for docs/uci.md from bench/uci.py JSON files, beside the authors' numbers.
 
-`python bench/uci_table.py --grid a.json b.json --concrete c.json` prints the RMSE and
-test log-likelihood tables, the target check against the authors' grid numbers, and the
-wall time per dataset.
+`python bench/uci_table.py --run "ours grid" a.json b.json --run "ours Concrete" c.json`
+prints the RMSE and test log-likelihood tables (one column per --run), the target check
+against the authors' grid numbers, the wall time per dataset, and Concrete's learned rates.
 """
 
 from __future__ import annotations
@@ -95,17 +95,9 @@ def verdict(r: dict[str, Any] | None, name: str) -> str:
     return ", ".join(parts)
 
 
-def tables(
-    grid: dict[str, dict[str, Any]],
-    concrete: dict[str, dict[str, Any]],
-    long: dict[str, dict[str, Any]] | None = None,
-    long_label: str = "ours grid, 100x epochs",
-) -> str:
-    """RMSE, test LL, target and time tables; `long` adds a column (e.g. longer training)."""
-    names = [n for n in REFERENCE if n in grid or n in concrete]
-    runs = [("ours grid", grid), ("ours Concrete", concrete)]
-    if long:
-        runs.append((long_label, long))
+def tables(runs: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
+    """RMSE, test LL, target and time tables, one column per (label, results) run."""
+    names = [n for n in REFERENCE if any(n in r for _, r in runs)]
     lines: list[str] = []
     for key, what, digits in (("rmse", "RMSE", 3), ("ll", "test LL", 3)):
         head = " | ".join(f"{what} {label}" for label, _ in runs)
@@ -119,12 +111,15 @@ def tables(
             lines.append(f"| {n} | {cells} | {pm(*ref[key], 2)} | {pm(*ref[key + '_bo'], 2)} |")
         lines.append("")
     head = " | ".join(f"target, {label}" for label, _ in runs)
-    secs = " | ".join(f"seconds, {label}" for label, _ in runs)
-    lines += [f"| dataset | {head} | {secs} |", "| --- |" + " --- |" * (2 * len(runs))]
+    lines += [f"| dataset | {head} |", "| --- |" + " --- |" * len(runs)]
     for n in names:
-        checks = " | ".join(verdict(r.get(n), n) for _, r in runs)
+        lines.append(f"| {n} | {' | '.join(verdict(r.get(n), n) for _, r in runs)} |")
+    lines.append("")
+    head = " | ".join(f"seconds, {label}" for label, _ in runs)
+    lines += [f"| dataset | {head} |", "| --- |" + " ---: |" * len(runs)]
+    for n in names:
         times = " | ".join(f"{r[n]['seconds']['total']:.0f}" if n in r else "-" for _, r in runs)
-        lines.append(f"| {n} | {checks} | {times} |")
+        lines.append(f"| {n} | {times} |")
     return "\n".join(lines)
 
 
@@ -148,16 +143,23 @@ def learned_rates(concrete: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--grid", type=Path, nargs="*", default=[], help="grid-search JSON files")
-    ap.add_argument("--concrete", type=Path, nargs="*", default=[], help="Concrete JSON files")
-    ap.add_argument("--long", type=Path, nargs="*", default=[], help="an extra column's files")
-    ap.add_argument("--long-label", default="ours grid, 100x epochs")
+    ap.add_argument(
+        "--run",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar="LABEL FILE",
+        help="one column: its label, then bench/uci.py JSON files (repeat for more columns)",
+    )
     args = ap.parse_args(argv)
-    concrete = load(args.concrete)
-    print(tables(load(args.grid), concrete, load(args.long), args.long_label))
-    if concrete:
-        print()
-        print(learned_rates(concrete))
+    if any(len(run) < 2 for run in args.run):
+        ap.error("--run needs a label and at least one JSON file")
+    runs = [(run[0], load([Path(f) for f in run[1:]])) for run in args.run]
+    print(tables(runs))
+    for label, results in runs:
+        if any(r.get("concrete") for r in results.values()):
+            print(f"\nLearned rates, {label}:\n")
+            print(learned_rates(results))
     return 0
 
 

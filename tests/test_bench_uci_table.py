@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +58,24 @@ def test_verdict_against_the_authors_grid_numbers(table: ModuleType) -> None:
     close = {"ll_mean": -1.263, "rmse_mean": 0.80}
     assert table.verdict(close, "yacht") == "LL within rounding (0.003), RMSE over by 0.080"
     assert table.verdict(None, "yacht") == "not run"
+
+
+def test_one_column_per_run_with_the_target_check_and_learned_rates(
+    table: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid = dict(_result([(0, 0.70, -1.26), (1, 0.74, -1.24)]), rmse_mean=0.72, ll_mean=-1.25)
+    concrete = dict(_result([(0, 3.0, -2.2)]), rmse_mean=3.0, ll_mean=-2.2, concrete=True)
+    for split, rates in zip(concrete["splits"], [[0.06, 0.2]], strict=True):
+        split.update(dropout=rates, tau=0.5)
+    (tmp_path / "g.json").write_text(json.dumps({"datasets": {"yacht": grid}}))
+    (tmp_path / "c.json").write_text(json.dumps({"datasets": {"yacht": concrete}}))
+    argv = ["--run", "long", str(tmp_path / "g.json"), "--run", "conc", str(tmp_path / "c.json")]
+    assert table.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| dataset | target, long | target, conc |" in out
+    assert "| yacht | LL met, RMSE met | LL short by 0.940, RMSE over by 2.280 |" in out
+    assert "| yacht | 0.720 (2) | 3.000 (1) | 0.67 ± 0.05 | 0.70 ± 0.05 |" in out
+    assert "Learned rates, conc:" in out
+    assert "Learned rates, long:" not in out
+    with pytest.raises(SystemExit):
+        table.main(["--run", "label-only"])
