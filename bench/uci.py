@@ -138,8 +138,8 @@ def _record(
 def compare_loop(
     dataset: UCIDataset, protocol: Protocol, samples: int, rounds: int
 ) -> dict[str, Any]:
-    """Engine (independent and shared masks) vs per-sample loop on split 0's test rows, same
-    network (trained briefly: the timing does not depend on the weights), in interleaved
+    """Engine (independent and shared masks) vs per-sample loop on split 0's test rows, one
+    untrained network (Glorot weights; the timing does not depend on them), in interleaved
     rounds whose starting way rotates; medians reported."""
     train, test = dataset.splits[0]
     table = standardised(dataset, train)
