@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from service.accumulators import Accumulators, OutputHead
+from service.allocator import keep_freed_memory
 from service.config import DEFAULT_CHUNK_ELEMENTS
 from service.sampling import RowKeys, SamplingContext, Site
 from service.sharding import PartialStats, Shard
@@ -117,6 +118,8 @@ class MCEngine:
         if task == "classification" and heteroscedastic:
             raise ValueError("a heteroscedastic head applies only to regression")
         self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         if dtype != "float32" and self.device.type != "cuda":
