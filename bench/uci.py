@@ -33,7 +33,7 @@ from service.uci import (
     Protocol,
     Stage,
     UCIDataset,
-    evaluation_options,
+    engine_scores,
     load_dataset,
     make_engine,
     run_dataset,
@@ -41,7 +41,6 @@ from service.uci import (
     train_stage,
     validation_split,
 )
-from service.uncertainty import RegressionSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "uci"
@@ -151,13 +150,7 @@ def compare_loop(
     engine = make_engine(network, table, tau)
 
     def run_engine(mode: MaskMode) -> Callable[[], tuple[Tensor, float]]:
-        def run() -> tuple[Tensor, float]:
-            summary = engine.run(table.x[test], evaluation_options(samples, 0, mode), targets=y)
-            assert isinstance(summary, RegressionSummary)
-            assert summary.log_likelihood is not None
-            return summary.mean, scoring.mean_log_likelihood(summary.log_likelihood)
-
-        return run
+        return lambda: engine_scores(engine, table.x[test], y, samples, 0, mode)
 
     def loop() -> tuple[Tensor, float]:
         return reference_loop(network, table.x[test], y, table.y_mean, table.y_std, tau, samples)

@@ -327,18 +327,25 @@ def evaluate_network(
     seed: int,
 ) -> tuple[float, float]:
     """RMSE and mean MC-mixture log-likelihood (raw units) of `rows` through MCEngine."""
-    engine = make_engine(network, table, tau)
-    summary = engine.run(table.x[rows], evaluation_options(samples, seed), targets=y.double())
+    mean, ll = engine_scores(make_engine(network, table, tau), table.x[rows], y, samples, seed)
+    return scoring.rmse(mean, y.double()), ll
+
+
+def engine_scores(
+    engine: MCEngine,
+    x: Tensor,
+    y: Tensor,
+    samples: int,
+    seed: int,
+    mask_mode: MaskMode = "independent",
+) -> tuple[Tensor, float]:
+    """MC mean [B, 1] and mean mixture log-likelihood of rows x [B, F] against raw targets
+    y [B, 1]; test scoring needs nothing else, so no intervals are computed."""
+    options = MCOptions(samples=samples, seed=seed, mask_mode=mask_mode, interval_levels=())
+    summary = engine.run(x, options, targets=y.double())
     assert isinstance(summary, RegressionSummary)
     assert summary.log_likelihood is not None
-    return scoring.rmse(summary.mean, y.double()), scoring.mean_log_likelihood(
-        summary.log_likelihood
-    )
-
-
-def evaluation_options(samples: int, seed: int, mask_mode: MaskMode = "independent") -> MCOptions:
-    """Test scoring needs only the MC mean and the mixture log-likelihood: no intervals."""
-    return MCOptions(samples=samples, seed=seed, mask_mode=mask_mode, interval_levels=())
+    return summary.mean, scoring.mean_log_likelihood(summary.log_likelihood)
 
 
 def make_engine(network: torch.nn.Module, table: Table, tau: float) -> MCEngine:

@@ -17,7 +17,7 @@ from service.architectures import Activation, build_mlp
 from service.loading import save_weights
 from service.model import ServedModel
 from service.repository import fingerprint
-from service.sharding import ModelRef, ShardExecutor, run_split
+from service.sharding import ModelRef, Shard, ShardExecutor, finish, merge_partials, run_split
 from service.uncertainty import ClassificationSummary, RegressionSummary
 
 
@@ -205,6 +205,21 @@ def assert_split_answers_like_one_process(
                       "variation_ratio", "samples"):  # fmt: skip
             torch.testing.assert_close(getattr(split, field), getattr(whole, field),
                                        rtol=1e-12, atol=1e-12, msg=field)  # fmt: skip
+
+
+def assert_uneven_shards_merge_exactly(executor: ShardExecutor, folder: Path) -> None:
+    """Four uneven shards of a 1,000-sample request come back in order and merge to the
+    unsplit engine's class probabilities."""
+    model = ServedModel.load(folder)
+    request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
+    shards = [Shard(a, b - a) for a, b in [(0, 200), (200, 304), (304, 640), (640, 1000)]]
+    parts = executor.run_shards(shard_ref(folder), request, shards)
+    assert [p.first for p in parts] == [0, 200, 304, 640]
+    split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
+    whole = model.engine.run_many([request])[0]
+    assert isinstance(split, ClassificationSummary)
+    assert isinstance(whole, ClassificationSummary)
+    torch.testing.assert_close(split.probabilities, whole.probabilities, rtol=1e-12, atol=1e-12)
 
 
 def write_line_csv(path: Path, rows: int) -> Path:

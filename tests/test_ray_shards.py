@@ -14,14 +14,19 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import assert_split_answers_like_one_process, shard_ref, write_shard_test_models
+from conftest import (
+    assert_split_answers_like_one_process,
+    assert_uneven_shards_merge_exactly,
+    shard_ref,
+    write_shard_test_models,
+)
 from http_helpers import decode_outputs, oip_body, serve, settings_for
 from ray_helpers import RayCluster, wait_until
 
 from service.config import Settings
 from service.model import ServedModel
-from service.sharding import ModelRef, Shard, finish, merge_partials, run_split
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from service.sharding import ModelRef, Shard, run_split
+from service.uncertainty import RegressionSummary
 
 ACTORS = 2
 ACTOR_CPUS = 0.5
@@ -97,16 +102,7 @@ def test_more_shards_than_actors_still_merge_exactly_and_actors_are_other_proces
     executor.preload(shard_ref(repo / "cls"))
     assert len(set(executor.pids)) == ACTORS
     assert os.getpid() not in executor.pids
-    model = ServedModel.load(repo / "cls")
-    request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
-    shards = [Shard(a, b - a) for a, b in [(0, 200), (200, 304), (304, 640), (640, 1000)]]
-    parts = executor.run_shards(shard_ref(repo / "cls"), request, shards)
-    assert [p.first for p in parts] == [0, 200, 304, 640]
-    split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
-    whole = model.engine.run_many([request])[0]
-    assert isinstance(split, ClassificationSummary)
-    assert isinstance(whole, ClassificationSummary)
-    torch.testing.assert_close(split.probabilities, whole.probabilities, rtol=1e-12, atol=1e-12)
+    assert_uneven_shards_merge_exactly(executor, repo / "cls")
 
 
 @pytest.mark.ray

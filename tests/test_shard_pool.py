@@ -15,15 +15,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_split_answers_like_one_process, shard_ref, write_shard_test_models
+from conftest import (
+    assert_split_answers_like_one_process,
+    assert_uneven_shards_merge_exactly,
+    shard_ref,
+    write_shard_test_models,
+)
 from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
 from torch import nn
 
 from service.loading import save_weights
 from service.model import ServedModel
 from service.shard_pool import LocalShardPool, ShardFailed, ShardWorkerDied
-from service.sharding import ModelRef, Shard, finish, merge_partials, run_split
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from service.sharding import ModelRef, Shard, run_split
+from service.uncertainty import RegressionSummary
 
 pytestmark = pytest.mark.slow  # spawns processes that import torch
 
@@ -74,16 +79,7 @@ def test_the_pool_answers_what_one_process_answers(
 def test_more_shards_than_workers_queue_and_still_merge_exactly(
     repo: Path, pool: LocalShardPool
 ) -> None:
-    model = ServedModel.load(repo / "cls")
-    request = model.request(torch.ones(2, 3), model.options(1000, seed=1))
-    shards = [(0, 200), (200, 304), (304, 640), (640, 1000)]
-    parts = pool.run_shards(shard_ref(repo / "cls"), request, [Shard(a, b - a) for a, b in shards])
-    assert [p.first for p in parts] == [0, 200, 304, 640]
-    split = finish(model.engine.head, merge_partials(parts), 1, (0.95,), 0)
-    whole = model.engine.run_many([request])[0]
-    assert isinstance(split, ClassificationSummary)
-    assert isinstance(whole, ClassificationSummary)
-    torch.testing.assert_close(split.probabilities, whole.probabilities, rtol=1e-12, atol=1e-12)
+    assert_uneven_shards_merge_exactly(pool, repo / "cls")
 
 
 def test_a_killed_worker_is_replaced_before_the_next_request(
