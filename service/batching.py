@@ -1,7 +1,11 @@
 """Per-model worker thread with dynamic batching: compatible queued requests share one engine call.
 
 The event loop only enqueues and awaits futures; torch runs on the worker thread. A request
-whose deadline passed, or whose client went away, before its batch starts costs no compute.
+whose deadline passed, or whose client went away, before its batch starts costs no compute;
+once started, a batch checks between chunks and stops when none of its requests is still
+wanted. Fairness: while a long batch runs (more than LONG_CHUNKS chunks), one batch of the
+short requests waiting runs between each two of its chunks, so small requests never wait for
+a large one to finish; long requests still take their turn in order.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ from service.uncertainty import Summary
 
 log = logging.getLogger(__name__)
 
+# A request of more engine chunks than this is long: short ones run between its chunks.
+LONG_CHUNKS = 4
+
 
 class WorkerClosed(ServiceError):
     """The worker stopped accepting work (its model is being swapped or unloaded)."""
 
     status_code = 503
+
+
+class _Abandoned(Exception):
+    """Raised by a batch's checkpoint: none of its jobs is wanted any more, stop computing."""
 
 
 @dataclass
@@ -40,6 +51,7 @@ class _Job:
     deadline: float | None
     request: MCRequest | None = None  # an inference, merged with compatible ones
     call: Callable[[], Any] | None = None  # anything else, run alone
+    long: bool = False  # an inference of more than LONG_CHUNKS chunks (when interleaving)
     rows: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,7 +60,15 @@ class _Job:
     def key(self) -> object:
         if self.request is None or self.request.options.samples == "auto":
             return id(self)  # never merged
-        return batch_key(self.request.options)
+        return (batch_key(self.request.options), self.long)  # long and short never share a batch
+
+    def expired(self, now: float) -> bool:
+        """Whether the deadline has passed."""
+        return self.deadline is not None and now >= self.deadline
+
+    def abandoned(self, now: float) -> bool:
+        """Nobody waits for the answer: the client went away (future cancelled) or it expired."""
+        return self.future.cancelled() or self.expired(now)
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
         """Resolve the awaiting future from the worker thread (ignored if it was cancelled)."""
@@ -78,9 +98,11 @@ class BatchWorker:
         metrics: Metrics | None = None,
         recent: RecentUncertainty | None = None,
         splitter: Splitter | None = None,
+        interleave: bool = True,
     ) -> None:
         self.name = name
         self.splitter = splitter  # runs requests above its sample threshold in shards
+        self.interleave = interleave  # short batches between the chunks of a long one
         self.model = model
         self.max_rows = max_batch_rows
         self.max_delay = max_batch_delay_s
@@ -95,7 +117,10 @@ class BatchWorker:
 
     def submit(self, request: MCRequest, deadline: float | None = None) -> asyncio.Future[Any]:
         """Queue an inference; the future resolves to its summary. Call from the event loop."""
-        return self._enqueue(deadline, request=request)
+        long = self.interleave and (
+            self.model.engine.chunk_count(len(request.x), request.options) > LONG_CHUNKS
+        )
+        return self._enqueue(deadline, request=request, long=long)
 
     def submit_call(
         self, call: Callable[[], Any], deadline: float | None = None
@@ -150,31 +175,61 @@ class BatchWorker:
                 if rows >= self.max_rows or wait <= 0:
                     break
                 self._cond.wait(wait)
-            batch: list[_Job] = []
-            rows = 0
-            for job in list(self._queue):
-                if job.key() == key and (not batch or rows + job.rows <= self.max_rows):
-                    batch.append(job)
-                    rows += job.rows
-                    self._queue.remove(job)
-            self._depth_changed()
-            return batch
+            return self._collect(key)
+
+    def _take_short(self) -> list[_Job]:
+        """The first waiting short inference and its compatible company, without waiting."""
+        with self._cond:
+            first = next((j for j in self._queue if j.request is not None and not j.long), None)
+            return [] if first is None else self._collect(first.key())
+
+    def _collect(self, key: object) -> list[_Job]:
+        """Remove and return queued jobs of `key` in order, up to the row limit (hold _cond)."""
+        batch: list[_Job] = []
+        rows = 0
+        for job in list(self._queue):
+            if job.key() == key and (not batch or rows + job.rows <= self.max_rows):
+                batch.append(job)
+                rows += job.rows
+                self._queue.remove(job)
+        self._depth_changed()
+        return batch
 
     def _loop(self) -> None:
         while (batch := self._take_batch()) is not None:
-            now = time.monotonic()
-            live = []
-            for job in batch:
-                if job.future.cancelled():
-                    continue  # the client went away before its work started
-                if job.deadline is not None and now >= job.deadline:
-                    job.settle(error=DeadlineExceeded("deadline passed before the work started"))
-                    continue
-                live.append(job)
-            if live:
-                self._run(live, now)
+            self._serve(batch)
+
+    def _serve(self, batch: list[_Job]) -> bool:
+        """Run a taken batch, less the jobs cancelled or expired before it started (if any)."""
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.future.cancelled():
+                continue  # the client went away before its work started
+            if job.expired(now):
+                job.settle(error=DeadlineExceeded("deadline passed before the work started"))
+                continue
+            live.append(job)
+        if live:
+            self._run(live, now)
+        return bool(live)
+
+    def _interleave(self) -> None:
+        """Run one batch of the waiting short jobs (skipping batches nobody waits for any more)."""
+        while shorts := self._take_short():
+            if self._serve(shorts):  # short jobs only: their checkpoint never interleaves
+                return
+
+    def _abandon(self, jobs: list[_Job]) -> None:
+        """Settle a batch stopped by its checkpoint: expired jobs get DeadlineExceeded."""
+        log.info("model '%s': stopped a batch of %d request(s) nobody waits for",
+                 self.name, len(jobs))  # fmt: skip
+        for job in jobs:
+            if not job.future.cancelled():
+                job.settle(error=DeadlineExceeded("the request's deadline passed while it ran"))
 
     def _run(self, jobs: list[_Job], started: float) -> None:
+        """Run live jobs: a call alone, a split request over the shards, else one engine pass."""
         call = jobs[0].call
         if call is not None:
             try:
@@ -188,8 +243,12 @@ class BatchWorker:
                 self._run_split(job, request, started)
             return
         t0 = time.monotonic()
+        checkpoint = _Checkpoint(self, jobs)
         try:
-            results = self.model.engine.run_many(requests)
+            results = self.model.engine.run_many(requests, checkpoint=checkpoint)
+        except _Abandoned:
+            self._abandon(jobs)
+            return
         except Exception:
             if len(jobs) == 1:
                 log.exception("model '%s' failed on a request", self.name)
@@ -198,10 +257,13 @@ class BatchWorker:
             for job in jobs:  # one bad request must not take the others down
                 self._run([job], started)
             return
-        self._answer(jobs, results, started, time.monotonic() - t0)
+        self._answer(jobs, results, started, time.monotonic() - t0 - checkpoint.lent_s)
 
     def _run_split(self, job: _Job, request: MCRequest, started: float) -> None:
-        """One request above the splitter's threshold, its samples spread over shard workers."""
+        """One request above the splitter's threshold, its samples spread over shard workers.
+
+        It runs to the end: no checkpoint and no interleaving (short requests wait meanwhile).
+        """
         assert self.splitter is not None
         t0 = time.monotonic()
         try:
@@ -219,7 +281,17 @@ class BatchWorker:
     def _answer(
         self, jobs: list[_Job], results: list[Summary], started: float, compute: float
     ) -> None:
-        """Record the batch's metrics and recent uncertainty, then settle every job."""
+        """Record the batch's metrics and recent uncertainty, then settle every job.
+
+        A result holding NaN or inf fails only its own job (NonFiniteOutput names the output).
+        """
+        failed: dict[int, ServiceError] = {}
+        for k, result in enumerate(results):
+            try:
+                self.model.check_finite(result)
+            except ServiceError as exc:
+                failed[k] = exc
+        finite = [r for k, r in enumerate(results) if k not in failed]
         if self.metrics is not None:  # before answering, so a scrape after an answer sees it
             self.metrics.observe_batch(
                 self.name,
@@ -229,14 +301,39 @@ class BatchWorker:
                 queue_seconds=[started - j.enqueued for j in jobs],
                 compute_seconds=compute,
             )
-            for result in results:
+            for result in finite:
                 self.metrics.observe_summary(self.name, result)
         if self.recent is not None:  # likewise, so /recent after an answer includes it
             version = self.model.spec.version
-            for result in results:
+            for result in finite:
                 self.recent.record(result, version=version)
-        for job, result in zip(jobs, results, strict=True):
-            job.settle(result)
+        for k, (job, result) in enumerate(zip(jobs, results, strict=True)):
+            if k in failed:
+                job.settle(error=failed[k])
+            else:
+                job.settle(result)
+
+
+class _Checkpoint:
+    """What the engine calls after each chunk of a batch: stop it, or let short work through.
+
+    It raises _Abandoned once no job of the batch is wanted; between the chunks of a long
+    batch it runs one batch of the short jobs waiting (round-robin, so neither starves).
+    """
+
+    def __init__(self, worker: BatchWorker, jobs: list[_Job]) -> None:
+        self.worker = worker
+        self.jobs = jobs
+        self.interleave = worker.interleave and any(j.long for j in jobs)
+        self.lent_s = 0.0  # time given to short batches, not this batch's compute
+
+    def __call__(self) -> None:
+        if all(j.abandoned(time.monotonic()) for j in self.jobs):
+            raise _Abandoned
+        if self.interleave and self.worker.depth:
+            t0 = time.monotonic()
+            self.worker._interleave()
+            self.lent_s += time.monotonic() - t0
 
 
 def _internal(name: str) -> ServiceError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +38,8 @@ from service.uncertainty import (
 Task = Literal["regression", "classification"]
 MaskMode = Literal["independent", "shared"]
 AUTO_FIRST_ROUND = 64
+# Called after every chunk of a run; whatever it raises abandons the run (see run_many).
+Checkpoint = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -167,11 +169,13 @@ class MCEngine:
         return self.run_many([MCRequest(x, options or MCOptions(), targets)])[0]
 
     def run_many(
-        self, requests: Sequence[MCRequest]
+        self, requests: Sequence[MCRequest], checkpoint: Checkpoint | None = None
     ) -> list[RegressionSummary | ClassificationSummary]:
         """Run several compatible requests in one pass (see `batch_key`); one summary each.
 
         Each request draws from its own seed, so its answer does not depend on the others.
+        `checkpoint`, if given, is called after every chunk: it may raise to abandon the run
+        or run other work meanwhile (it never changes this run's numbers).
         """
         if not requests:
             return []
@@ -189,7 +193,7 @@ class MCEngine:
         seeds = [secrets.randbits(63) if o.seed is None else o.seed for o in opts]
         with torch.inference_mode(), TRACE_LOCK.running():
             xs = [r.x.to(self.device, self.dtype) for r in requests]
-            return self._run(xs, opts, seeds, requests[0].targets)
+            return self._run(xs, opts, seeds, requests[0].targets, checkpoint)
 
     def check_request(self, request: MCRequest) -> None:
         """Raise ValueError (naming the field) when rows or targets do not fit this model."""
@@ -214,7 +218,12 @@ class MCEngine:
             raise ValueError(f"targets must have shape [{x.shape[0]}, outputs], got {got}")
 
     def _run(
-        self, xs: list[Tensor], opts: list[MCOptions], seeds: list[int], targets: Tensor | None
+        self,
+        xs: list[Tensor],
+        opts: list[MCOptions],
+        seeds: list[int],
+        targets: Tensor | None,
+        checkpoint: Checkpoint | None = None,
     ) -> list[RegressionSummary | ClassificationSummary]:
         sizes = [len(x) for x in xs]
         rows = sum(sizes)
@@ -235,7 +244,7 @@ class MCEngine:
         )
         done = 0
         for round_end in self._rounds(first):
-            self._sweep(acc, boundary, keys, done, round_end, first.mask_mode)
+            self._sweep(acc, boundary, keys, done, round_end, first.mask_mode, checkpoint)
             done = round_end
             if first.samples == "auto" and acc.converged(first.tolerance):
                 break
@@ -261,14 +270,20 @@ class MCEngine:
         start: int,
         end: int,
         mask_mode: MaskMode,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
-        """Run samples start .. end-1 of every row through the suffix into `acc`."""
+        """Run samples start .. end-1 of every row through the suffix into `acc`.
+
+        `checkpoint` runs after each chunk, between the accumulator update and the next draw.
+        """
         for rows_slice, first, count in self._chunks(len(keys.rows), start, end, mask_mode):
             ctx = SamplingContext(
                 self.sites, _slice_keys(keys, rows_slice), first, count, mask_mode, self.device
             )
             out = self.program.run_suffix(_rows_of(boundary, self.program.batched, rows_slice), ctx)
             acc.update(rows_slice, first, out.view(ctx.n_rows, count, -1), end)
+            if checkpoint is not None:
+                checkpoint()
 
     def run_shard(self, request: MCRequest, shard: Shard) -> PartialStats:
         """Statistics of samples shard.first .. shard.end-1 of one seeded, fixed-N request.
@@ -329,6 +344,33 @@ class MCEngine:
                 return
             total = min(total * 2, opts.max_samples)
 
+    def chunk_count(self, rows: int, options: MCOptions) -> int:
+        """Chunks `rows` rows of `options` take (samples='auto': if they run to max_samples).
+
+        The unit of work by which the batching worker tells long requests from short ones.
+        """
+        total = done = 0
+        for end in self._rounds(options):
+            span, samples, row_step = self._chunk_shape(rows, done, end, options.mask_mode)
+            if span > 0 and rows > 0:
+                total += -(-span // samples) * -(-rows // row_step)
+            done = end
+        return total
+
+    def _chunk_shape(
+        self, rows: int, start: int, end: int, mask_mode: MaskMode
+    ) -> tuple[int, int, int]:
+        """(sample span, samples per chunk, rows per chunk) of `_chunks` over [start, end)."""
+        per_row_sample = max(self.program.row_elements, 1)
+        fit = max(self.chunk_elements // per_row_sample, BLOCK)  # (row, sample) pairs per chunk
+        span = round_up(end) - start
+        if mask_mode == "independent":
+            samples = min(span, max(BLOCK, fit // BLOCK * BLOCK))
+        else:
+            samples = min(span, max(BLOCK, (fit // max(rows, 1)) // BLOCK * BLOCK))
+        row_step = rows if samples * rows <= fit else max(1, fit // max(samples, 1))
+        return span, samples, row_step
+
     def _chunks(
         self, rows: int, start: int, end: int, mask_mode: MaskMode
     ) -> Iterator[tuple[slice, int, int]]:
@@ -339,14 +381,7 @@ class MCEngine:
         chunks take as many rows as fit. Sample ranges are whole blocks (the last may run past
         `end`; those are ignored).
         """
-        per_row_sample = max(self.program.row_elements, 1)
-        fit = max(self.chunk_elements // per_row_sample, BLOCK)  # (row, sample) pairs per chunk
-        span = round_up(end) - start
-        if mask_mode == "independent":
-            samples = min(span, max(BLOCK, fit // BLOCK * BLOCK))
-        else:
-            samples = min(span, max(BLOCK, (fit // rows) // BLOCK * BLOCK))
-        row_step = rows if samples * rows <= fit else max(1, fit // samples)
+        span, samples, row_step = self._chunk_shape(rows, start, end, mask_mode)
         for first in range(start, start + span, samples):
             count = min(samples, start + span - first)
             for r0 in range(0, rows, row_step):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 from conftest import write_mlp_model
 from http_helpers import (
     SHIPPED,
+    WAIT_S,
     EngineSpy,
     metric,
     parse_metrics,
@@ -270,10 +273,10 @@ async def test_a_request_that_breaks_the_engine_does_not_fail_its_batch_mates(
     model = ServedModel.load(tmp_path / "m", settings_for(tmp_path))
     real = model.engine.run_many
 
-    def fragile(requests: Sequence[MCRequest]) -> list[Summary]:
+    def fragile(requests: Sequence[MCRequest], **options: Any) -> list[Summary]:
         if any(666.0 in first_features([r]) for r in requests):
             raise RuntimeError("poisoned row")
-        return real(list(requests))
+        return real(list(requests), **options)
 
     spy = EngineSpy(fragile)
     monkeypatch.setattr(model.engine, "run_many", spy)
@@ -328,3 +331,215 @@ async def test_submit_call_runs_alone_on_the_worker_thread(mlp: Rig) -> None:
     assert await call == "mcdrop-m"
     await asyncio.gather(blocker, after)
     assert [first_features(c) for c in mlp.spy.calls] == [[-50.0], [10.0]]
+
+
+# -- cancellation and fairness of started work -------------------------------------------------
+
+LONG_SAMPLES = 2048  # 4 rows x 2048 samples at 64 (row, sample) pairs a chunk: 128 chunks
+
+
+class Gate:
+    """Holds the worker thread where it is called (after a chunk) until the test opens it."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self) -> None:
+        self.reached.set()
+        assert self.opened.wait(WAIT_S), "Gate: never opened"
+
+    async def wait(self) -> None:
+        """Until the worker thread is held here."""
+        await wait_for(self.reached.is_set, "the worker to reach a gate")
+
+
+class Paced:
+    """The engine's run_many with its checkpoint wrapped: logs every call's start, chunks and
+    end by marker (first feature of its first row); `after_first_chunk[marker]` runs (on the
+    worker thread) after that call's first chunk, before the worker's own checkpoint."""
+
+    def __init__(self, run_many: Callable[..., list[Summary]]) -> None:
+        self._run = run_many
+        self.events: list[tuple[str, float]] = []
+        self.after_first_chunk: dict[float, Callable[[], None]] = {}
+        self.gates: list[Gate] = []
+
+    def __call__(
+        self, requests: Sequence[MCRequest], checkpoint: Callable[[], None] | None = None
+    ) -> list[Summary]:
+        marker = first_features(requests)[0]
+        chunks = 0
+
+        def counted() -> None:
+            nonlocal chunks
+            chunks += 1
+            self.events.append(("chunk", marker))
+            if chunks == 1 and marker in self.after_first_chunk:
+                self.after_first_chunk[marker]()
+            if checkpoint is not None:
+                checkpoint()
+
+        self.events.append(("start", marker))
+        try:
+            return self._run(list(requests), checkpoint=counted)
+        finally:
+            self.events.append(("end", marker))
+
+    def gate(self, marker: float) -> Gate:
+        """A gate after the first chunk of the call with this marker."""
+        gate = Gate()
+        self.gates.append(gate)
+        self.after_first_chunk[marker] = gate
+        return gate
+
+    def open_all(self) -> None:
+        """Open every gate (teardown: never leave the worker thread held)."""
+        for gate in self.gates:
+            gate.opened.set()
+
+    def chunks(self, marker: float) -> int:
+        """Chunks the calls with this marker computed."""
+        return self.events.count(("chunk", marker))
+
+    def starts(self) -> list[float]:
+        """Markers of the engine calls in the order they started."""
+        return [m for kind, m in self.events if kind == "start"]
+
+    def chunks_before(self, event: tuple[str, float], marker: float) -> int:
+        """Chunks of `marker` computed before `event` happened."""
+        return self.events[: self.events.index(event)].count(("chunk", marker))
+
+
+@dataclasses.dataclass
+class Lane:
+    """A worker over a model of small chunks (64 row-sample pairs), its engine paced."""
+
+    rig: Rig
+    paced: Paced
+
+    def long(self, first: float, seed: int) -> MCRequest:
+        """4 rows x LONG_SAMPLES samples: far more chunks than a short request."""
+        return self.rig.request(4, first, samples=LONG_SAMPLES, seed=seed)
+
+    def short(self, first: float, seed: int, samples: int = 16) -> MCRequest:
+        """1 row, one chunk."""
+        return self.rig.request(1, first, samples=samples, seed=seed)
+
+
+def _lane(folder: Path, monkeypatch: pytest.MonkeyPatch, *, interleave: bool = True) -> Lane:
+    write_mlp_model(folder, in_features=3, hidden=(16, 16), dropout=0.3, tau=2.0)
+    model = ServedModel.load(folder, settings_for(folder.parent, chunk_elements=1024))
+    original = model.engine.run_many
+    paced = Paced(original)
+    monkeypatch.setattr(model.engine, "run_many", paced)
+    metrics = Metrics()
+    worker = BatchWorker("m", model, max_batch_rows=64, max_batch_delay_s=0.0, queue_size=100,
+                         metrics=metrics, interleave=interleave)  # fmt: skip
+    lane = Lane(Rig(model, EngineSpy(original), worker, metrics, original), paced)
+    long, short = lane.long(0.0, 0), lane.short(0.0, 0)
+    assert model.engine.chunk_count(len(long.x), long.options) == 128
+    assert model.engine.chunk_count(len(short.x), short.options) == 1
+    return lane
+
+
+@pytest.fixture
+async def lane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Lane]:
+    lane = _lane(tmp_path / "m", monkeypatch)
+    yield lane
+    lane.paced.open_all()
+    await asyncio.to_thread(lane.rig.worker.close)
+
+
+async def test_a_started_request_whose_client_left_stops_within_a_chunk(lane: Lane) -> None:
+    gate = lane.paced.gate(100.0)
+    leaving = lane.rig.worker.submit(lane.long(100.0, seed=1))
+    await gate.wait()
+    leaving.cancel()  # what the router does when the client disconnects
+    nxt = lane.short(200.0, seed=2)
+    answer = lane.rig.worker.submit(nxt)
+    gate.opened.set()
+    assert_same_summary(await answer, lane.rig.alone(nxt))
+    assert lane.paced.chunks(100.0) == 1  # of 128: it stopped at the first checkpoint after
+    assert lane.paced.starts() == [100.0, 200.0]
+
+
+async def test_a_started_request_past_its_deadline_stops_within_a_chunk(lane: Lane) -> None:
+    deadline = time.monotonic() + 0.5
+
+    def until_the_deadline() -> None:
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    lane.paced.after_first_chunk[100.0] = until_the_deadline
+    expiring = lane.rig.worker.submit(lane.long(100.0, seed=1), deadline)
+    with pytest.raises(DeadlineExceeded, match="while it ran"):
+        await expiring
+    nxt = lane.short(200.0, seed=2)
+    assert_same_summary(await lane.rig.worker.submit(nxt), lane.rig.alone(nxt))
+    assert lane.paced.chunks(100.0) == 1
+    assert lane.paced.starts() == [100.0, 200.0]
+
+
+async def test_a_long_batch_runs_on_while_one_of_its_requests_is_wanted(lane: Lane) -> None:
+    blocker, batch = lane.paced.gate(50.0), lane.paced.gate(100.0)
+    first = lane.rig.worker.submit(lane.short(50.0, seed=0))
+    await blocker.wait()
+    staying_request = lane.long(150.0, seed=3)
+    leaving = lane.rig.worker.submit(lane.long(100.0, seed=1))
+    staying = lane.rig.worker.submit(staying_request)  # queued together: one batch
+    blocker.opened.set()
+    await first
+    await batch.wait()
+    leaving.cancel()
+    batch.opened.set()
+    assert_same_summary(await staying, lane.rig.alone(staying_request))
+    assert lane.paced.starts() == [50.0, 100.0]
+    assert lane.paced.chunks(100.0) == 2 * 128  # both requests' rows, to the end
+
+
+def _record(order: list[str], name: str, _: object) -> None:
+    order.append(name)
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+async def test_short_requests_run_between_the_chunks_of_a_long_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, interleave: bool
+) -> None:
+    """Interleaving: waiting short batches run one per long chunk and finish first; long
+    requests and calls keep their turn. Off: strictly in arrival order (the short ones wait)."""
+    lane = _lane(tmp_path / "m", monkeypatch, interleave=interleave)
+    paced, worker = lane.paced, lane.rig.worker
+    gate = paced.gate(100.0)
+    long_request, later_long = lane.long(100.0, seed=1), lane.long(300.0, seed=3)
+    shorts = [lane.short(200.0, seed=2), lane.short(210.0, seed=4),  # compatible: one batch
+              lane.short(220.0, seed=5, samples=24)]  # fmt: skip
+    order: list[str] = []
+    try:
+        futures = {"long": worker.submit(long_request)}
+        await gate.wait()
+        futures["later long"] = worker.submit(later_long)
+        futures["call"] = worker.submit_call(lambda: "evaluated")
+        for k, request in enumerate(shorts):
+            futures[f"short {k}"] = worker.submit(request)
+        for name, future in futures.items():
+            future.add_done_callback(functools.partial(_record, order, name))
+        gate.opened.set()
+        results = dict(zip(futures, await asyncio.gather(*futures.values()), strict=True))
+    finally:
+        paced.open_all()
+        await asyncio.to_thread(worker.close)
+    assert results["call"] == "evaluated"
+    for k, request in enumerate(shorts):  # the same seeded answers as when run alone
+        assert_same_summary(results[f"short {k}"], lane.rig.alone(request))
+    assert_same_summary(results["long"], lane.rig.alone(long_request))
+    assert paced.chunks(100.0) == paced.chunks(300.0) == 128
+    if interleave:
+        assert order == ["short 0", "short 1", "short 2", "long", "later long", "call"]
+        assert paced.starts() == [100.0, 200.0, 220.0, 300.0]
+        assert paced.chunks_before(("start", 200.0), 100.0) == 1  # round-robin: one short
+        assert paced.chunks_before(("start", 220.0), 100.0) == 2  # batch per long chunk
+    else:
+        assert order == ["long", "later long", "call", "short 0", "short 1", "short 2"]
+        assert paced.starts() == [100.0, 300.0, 200.0, 220.0]
+        assert paced.chunks_before(("start", 200.0), 100.0) == 128
