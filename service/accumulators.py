@@ -21,6 +21,15 @@ from service.uncertainty import (
 
 QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
 
+# A heteroscedastic head's log-variance is clamped to +-LOG_VARIANCE_BOUND, and its variance in
+# raw units capped at MAX_VARIANCE = e^300 (~1.9e130), so finite inputs give finite answers.
+# Why 300: float64 overflows past e^709.78, and the streaming moments square the variance
+# feature (sum2 ~ S*V^2, sum1*sum1 ~ (S*V)^2), so 2*300 + 2*ln(S) < 709 holds for S up to ~7e23
+# samples; the Gaussian intervals need only sqrt(V). The floor e^-300 keeps log(variance) in the
+# log-likelihood finite. Neither bound moves a meaningful answer (a std of 1e65 says "unknown").
+LOG_VARIANCE_BOUND = 300.0
+MAX_VARIANCE = math.exp(LOG_VARIANCE_BOUND)
+
 
 @dataclass(frozen=True)
 class OutputHead:
@@ -71,13 +80,22 @@ class Accumulators:
             return classification_features(out), None
         d = out.shape[-1] // 2 if eng.heteroscedastic else out.shape[-1]
         mean = out[..., :d]
-        var = out[..., d:].exp() if eng.heteroscedastic else None
+        var = self._variance(out[..., d:]) if eng.heteroscedastic else None
         if eng.scale is not None:
             mean = mean * eng.scale
-            var = None if var is None else var * eng.scale**2
         if eng.shift is not None:
             mean = mean + eng.shift
         return (mean if var is None else torch.cat([mean, var], -1)), var
+
+    def _variance(self, log_var: Tensor) -> Tensor:
+        """A heteroscedastic head's variance in raw units, bounded (see LOG_VARIANCE_BOUND).
+
+        Unclamped values are bit-identical to exp(log_var) * scale**2; NaN stays NaN.
+        """
+        var = log_var.clamp(-LOG_VARIANCE_BOUND, LOG_VARIANCE_BOUND).exp()
+        if self.head.scale is not None:
+            var = (var * self.head.scale**2).clamp(max=MAX_VARIANCE)
+        return var
 
     def update(self, rows: slice, first: int, out: Tensor, total: int) -> None:
         feats, var = self._features(out)

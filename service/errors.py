@@ -27,6 +27,12 @@ class LimitExceeded(InvalidInput):
     status_code = 422
 
 
+class NonFiniteOutput(ServiceError):
+    """The request was valid, but the model cannot compute a finite answer for it (NaN or inf)."""
+
+    status_code = 422
+
+
 class Overloaded(ServiceError):
     """The model's queue is full; retry later."""
 
@@ -43,6 +49,12 @@ class ModelLoadError(ServiceError):
     """A model folder could not be turned into a servable model (its files are wrong)."""
 
     status_code = 400
+
+
+class Forbidden(ServiceError):
+    """The operation is switched off for this caller (control without a token from afar)."""
+
+    status_code = 403
 
 
 class Unauthorized(ServiceError):

@@ -12,10 +12,15 @@ from torch import Tensor
 
 from service.config import Settings
 from service.engine import MCEngine, MCOptions, MCRequest
-from service.errors import InvalidInput, LimitExceeded, ModelLoadError
+from service.errors import InvalidInput, LimitExceeded, ModelLoadError, NonFiniteOutput
 from service.loading import load_module
 from service.manifest import MANIFEST_NAME, ModelSpec, load_manifest
-from service.uncertainty import Summary
+from service.uncertainty import NonFinite, Summary, first_non_finite
+
+CANARY_ROWS = 2  # probe rows a new version must answer before it is swapped in
+CANARY_SAMPLES = 8
+CANARY_SEED = 0
+_LISTED = 8  # rows named in a non-finite error before "... and N more"
 
 
 def _affine(values: list[float] | None, shape: tuple[int, ...], what: str) -> Tensor | None:
@@ -148,6 +153,52 @@ class ServedModel:
         """MC summary for raw rows; answers in raw target units."""
         req = self.request(rows, options or self.options(), targets)
         try:
-            return self.engine.run_many([req])[0]
+            summary = self.engine.run_many([req])[0]
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+        self.check_finite(summary)
+        return summary
+
+    def check_finite(self, summary: Summary) -> None:
+        """Raise NonFiniteOutput naming the output and rows when the summary holds NaN or inf.
+
+        Bare NaN is not JSON, and a NaN answer is no answer: the caller gets a clear 422 instead.
+        """
+        found = first_non_finite(summary)
+        if found is not None:
+            raise NonFiniteOutput(self._non_finite_message(found))
+
+    def _non_finite_message(self, found: NonFinite) -> str:
+        """Which output (regression: name and summary field; classification: field) and rows."""
+        names = self.spec.output.names
+        what = found.field
+        if self.spec.task == "regression" and found.columns:
+            outputs = [names[c] if c < len(names) else str(c) for c in found.columns]
+            what = f"output {', '.join(map(repr, outputs))} ({found.field})"
+        rows = ", ".join(map(str, found.rows[:_LISTED]))
+        if len(found.rows) > _LISTED:
+            rows += f" ... and {len(found.rows) - _LISTED} more"
+        return (
+            f"model '{self.spec.name}' cannot compute a finite answer for this input: "
+            f"{what} is NaN or infinite in rows [{rows}]"
+        )
+
+    def canary(self) -> Summary:
+        """Predict a probe input and demand a finite answer; ModelLoadError if it fails.
+
+        The probe is the normalisation's input mean (else zeros): a version that cannot answer
+        it must never replace a working one.
+        """
+        shape = tuple(self.spec.input.shape)
+        mean = self.input_mean
+        probe = torch.zeros(shape) if mean is None else mean.expand(shape)
+        n = min(CANARY_ROWS, self.spec.mc.max_rows)
+        rows = probe.unsqueeze(0).expand(n, *shape).contiguous()
+        try:
+            options = self.options(min(CANARY_SAMPLES, self.spec.mc.max_samples), seed=CANARY_SEED)
+            return self.predict(rows, options)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{self.folder}: the canary prediction on {n} probe rows failed, so this version "
+                f"is not served: {type(exc).__name__}: {exc}"
+            ) from exc

@@ -89,6 +89,46 @@ class ClassificationSummary:
 Summary = RegressionSummary | ClassificationSummary
 
 
+@dataclass(frozen=True)
+class NonFinite:
+    """Where a summary first holds NaN or inf: the field, its rows, its last-axis indices."""
+
+    field: str  # e.g. "mean", "gaussian_intervals[0.95].lower", "log_likelihood"
+    rows: list[int]  # request rows with a non-finite value in this field
+    columns: list[int]  # indices on the last axis ([B, D]: outputs, [B, C]: classes); [] for [B]
+
+
+def first_non_finite(summary: Summary) -> NonFinite | None:
+    """The first field (in declaration order) holding NaN or inf, or None when all are finite."""
+    for f in dataclasses.fields(summary):
+        value = getattr(summary, f.name)
+        tensors: list[tuple[str, Tensor]] = []
+        if isinstance(value, Tensor):
+            tensors = [(f.name, value)]
+        elif isinstance(value, dict):
+            for level in sorted(value):
+                bounds = value[level]
+                tensors += [(f"{f.name}[{level}].lower", bounds.lower),
+                            (f"{f.name}[{level}].upper", bounds.upper)]  # fmt: skip
+        for name, tensor in tensors:
+            found = _non_finite(name, tensor)
+            if found is not None:
+                return found
+    return None
+
+
+def _non_finite(name: str, values: Tensor) -> NonFinite | None:
+    """The rows (first axis) and last-axis indices of values [B, ...] that are NaN or inf."""
+    bad = ~torch.isfinite(values)
+    if not bool(bad.any()):
+        return None
+    rows = bad.reshape(bad.shape[0] if bad.dim() else 1, -1).any(dim=1).nonzero().flatten()
+    columns: list[int] = []
+    if values.dim() >= 2:
+        columns = bad.reshape(-1, values.shape[-1]).any(dim=0).nonzero().flatten().tolist()
+    return NonFinite(name, rows.tolist(), columns)
+
+
 def rows_of(summary: Summary, rows: slice, seed: int) -> Summary:
     """The summary of some rows (views, no copies), reporting `seed`."""
     changes: dict[str, object] = {"seed": seed}

@@ -15,15 +15,21 @@ from conftest import write_mlp_model
 from http_helpers import (
     copy_shipped,
     error_of,
+    queue_depth,
     serve,
     set_version,
     settings_for,
+    spy_engine,
+    wait_for,
     write_slow_model,
 )
 
+from service.accumulators import MAX_VARIANCE
+from service.errors import NonFiniteOutput
 from service.evaluation import evaluate
 from service.model import ServedModel
 from service.render import summary_rows
+from service.uncertainty import RegressionSummary, first_non_finite
 
 pytestmark = pytest.mark.anyio
 PREDICT = "/v1/models/mlp/predict"
@@ -414,3 +420,89 @@ async def test_recent_and_calibration_are_open_while_inference_needs_the_token(
     error_of(evaluate_refused, 401)
     assert [e["rows"] for e in recent.json()["entries"]] == [3]
     assert calibration.json()["report"]["rows"] == 3
+
+
+# -- numerics: finite inputs give finite JSON; a non-finite output is a 422 naming it ------------
+
+FAR = [[5000.0], [-5000.0]]  # toy-regression was trained on |x| <= 4: its log-variance explodes
+
+
+def strict_json(text: str) -> Any:
+    """Parse JSON as the standard has it: bare NaN / Infinity are refused."""
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} in the JSON body")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def write_overflowing_mlp(folder: Path, task: str = "regression") -> None:
+    """A 1 -> 1 -> outputs MLP with fixed weights: relu(1e20 x); x = 1 is fine, x = 1e20 is inf."""
+    outputs = ("y",) if task == "regression" else ("a", "b")
+    state = {"fc0.weight": torch.tensor([[1e20]]), "fc0.bias": torch.zeros(1),
+             "out.weight": torch.tensor([[1.0], [-1.0]][: len(outputs)]),
+             "out.bias": torch.zeros(len(outputs))}  # fmt: skip
+    write_mlp_model(folder, in_features=1, outputs=outputs, hidden=(1,), task=task,
+                    tau=1.0 if task == "regression" else None, state=state)  # fmt: skip
+
+
+async def test_toy_regression_far_from_its_data_answers_finite_valid_json(repo: Path) -> None:
+    model = served(repo, "toy-regression")
+    summary = model.predict(torch.tensor(FAR), model.options(64, seed=3, return_samples=4))
+    async with serve(settings_for(repo)) as (_, client):
+        response = await client.post(
+            "/v1/models/toy-regression/predict",
+            json={"rows": FAR, "samples": 64, "seed": 3, "return_samples": 4},
+        )
+    assert first_non_finite(summary) is None
+    assert isinstance(summary, RegressionSummary)
+    aleatoric = summary.aleatoric_variance
+    assert bool((aleatoric <= MAX_VARIANCE).all())
+    assert bool((aleatoric > 1e100).all())  # capped, not overflowed: "astronomically noisy"
+    assert response.status_code == 200, response.text
+    predictions = strict_json(response.text)["predictions"]
+    assert predictions == library_rows(repo, "toy-regression", FAR, samples=64, seed=3,
+                                       return_samples=4)  # fmt: skip
+    assert predictions[0]["y"]["aleatoric_variance"] == float(aleatoric[0, 0])
+
+
+@pytest.mark.parametrize(("task", "named"), [("regression", "output 'y' (mean)"),
+                                             ("classification", "probabilities")])  # fmt: skip
+async def test_a_non_finite_output_is_a_422_naming_the_output_and_rows(
+    tmp_path: Path, task: str, named: str
+) -> None:
+    write_overflowing_mlp(tmp_path / "huge", task)
+    model = ServedModel.load(tmp_path / "huge", settings_for(tmp_path))
+    rows = [[1.0], [1e20], [2.0]]  # row 1 overflows float32 inside the network
+    with pytest.raises(NonFiniteOutput) as info:
+        model.predict(torch.tensor(rows), model.options(16, seed=0))
+    async with serve(settings_for(tmp_path)) as (_, client):
+        response = await client.post("/v1/models/huge/predict", json={"rows": rows, "seed": 0})
+        finite = await client.post("/v1/models/huge/predict", json={"rows": [[1.0]], "seed": 0})
+    want = f"model 'huge' cannot compute a finite answer for this input: {named} is NaN or " \
+        "infinite in rows [1]"  # fmt: skip
+    assert str(info.value) == want
+    assert info.value.status_code == 422
+    assert error_of(response, 422) == want
+    assert finite.status_code == 200
+
+
+async def test_a_non_finite_answer_fails_only_its_own_job_in_a_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_overflowing_mlp(tmp_path / "huge")
+    url = "/v1/models/huge/predict"
+    async with serve(settings_for(tmp_path, max_batch_delay_ms=0)) as (app, client):
+        spy = spy_engine(app, "huge", monkeypatch)
+        with spy.held():
+            blocker = asyncio.create_task(client.post(url, json={"rows": [[0.0]], "seed": 1}))
+            await spy.wait_calls(1)
+            bad = asyncio.create_task(client.post(url, json={"rows": [[1e20]], "seed": 2}))
+            good = asyncio.create_task(client.post(url, json={"rows": [[1.0], [2.0]], "seed": 3}))
+            await wait_for(lambda: queue_depth(app, "huge") == 2, "two queued requests")
+        answers = [await blocker, await bad, await good]
+    assert [[len(r.x) for r in call] for call in spy.calls] == [[1], [1, 2]]  # one engine batch
+    assert "output 'y' (mean) is NaN or infinite in rows [0]" in error_of(answers[1], 422)
+    assert [answers[0].status_code, answers[2].status_code] == [200, 200]
+    assert answers[2].json()["predictions"] == library_rows(tmp_path, "huge", [[1.0], [2.0]],
+                                                            seed=3)  # fmt: skip

@@ -24,6 +24,7 @@ from http_helpers import (
     wait_for,
 )
 from numpy.typing import NDArray
+from test_api_native import FAR, strict_json, write_overflowing_mlp
 
 from service.api.outputs import summary_outputs
 from service.model import ServedModel
@@ -412,3 +413,35 @@ async def test_a_deadline_that_passes_while_queued_gets_504_and_is_never_compute
     assert after.status_code == 200
     assert 2.0 not in spy.rows_seen()
     assert 3.0 in spy.rows_seen()
+
+
+# -- numerics ----------------------------------------------------------------------------------
+
+
+async def test_toy_regression_far_from_its_data_infers_finite_valid_json(repo: Path) -> None:
+    copy_shipped(repo, "toy-regression")
+    body = oip_body(FAR, {"seed": 3, "mc_samples": 64})
+    async with serve(settings_for(repo)) as (_, client):
+        response = await client.post("/v2/models/toy-regression/infer", json=body)
+    assert response.status_code == 200, response.text
+    doc = strict_json(response.text)
+    got = {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in doc["outputs"]}
+    want = library(repo, "toy-regression", FAR, samples=64, seed=3)
+    assert list(got) == list(want)
+    for name, array in want.items():
+        assert np.isfinite(array).all(), name
+        assert np.array_equal(got[name], array), name
+
+
+async def test_an_overflowing_output_is_a_422_naming_it(tmp_path: Path) -> None:
+    write_overflowing_mlp(tmp_path / "huge")
+    async with serve(settings_for(tmp_path)) as (_, client):
+        response = await client.post(
+            "/v2/models/huge/infer", json=oip_body([[1.0], [2.0], [1e20]], {"seed": 0})
+        )
+        finite = await client.post("/v2/models/huge/infer", json=oip_body([[1.0]], {"seed": 0}))
+    assert error_of(response, 422) == (
+        "model 'huge' cannot compute a finite answer for this input: output 'y' (mean) is NaN "
+        "or infinite in rows [2]"
+    )
+    assert finite.status_code == 200

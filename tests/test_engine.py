@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import threading
@@ -13,10 +14,17 @@ import torch.nn.functional as F
 from test_stochastic import Attention, DataDependent, FunctionalDropout
 from torch import Tensor, nn
 
+from service.accumulators import LOG_VARIANCE_BOUND, MAX_VARIANCE, Accumulators, OutputHead
 from service.engine import MCEngine, MCOptions, MCRequest
 from service.masks import quantized_drop_probability
 from service.sampling import multihead_attention
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from service.uncertainty import (
+    ClassificationSummary,
+    Interval,
+    NonFinite,
+    RegressionSummary,
+    first_non_finite,
+)
 
 
 def _linear(weights: list[float], bias: float, p: float) -> nn.Sequential:
@@ -146,6 +154,63 @@ def test_seeded_results_are_identical_for_every_chunk_size(mask_mode: str) -> No
         assert torch.equal(other.probabilities, results[0].probabilities)
         assert torch.equal(other.expected_entropy, results[0].expected_entropy)
         assert torch.equal(other.variation_ratio, results[0].variation_ratio)
+
+
+def _counted_engine() -> tuple[MCEngine, list[int]]:
+    """A fixed-weight Linear-Dropout-Linear engine of 64 (row, sample) pairs per chunk, and the
+    row counts of its suffix's forward calls (one per chunk)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    engine = _regression(model, (3,), chunk_elements=16 * 64, tau=1.0)
+    forwards: list[int] = []
+    model[3].register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    return engine, forwards
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        MCOptions(samples=1000, seed=0),
+        MCOptions(samples=300, seed=0, mask_mode="shared"),
+        MCOptions(samples="auto", tolerance=1e-9, max_samples=500, seed=0),  # runs to the max
+    ],
+    ids=["independent", "shared", "auto"],
+)
+def test_the_checkpoint_runs_once_per_chunk_and_leaves_the_numbers_alone(
+    options: MCOptions,
+) -> None:
+    engine, forwards = _counted_engine()
+    x = torch.randn(5, 3)
+    plain = _reg(engine.run(x, options))
+    forwards.clear()
+    seen: list[int] = []  # forward calls done when the checkpoint was called
+    request = MCRequest(x, options)
+    checked = _reg(engine.run_many([request], checkpoint=lambda: seen.append(len(forwards)))[0])
+    assert seen == list(range(1, len(forwards) + 1))  # once after every chunk, nowhere else
+    assert len(seen) == engine.chunk_count(len(x), options) > 4
+    assert torch.equal(checked.mean, plain.mean)
+    assert torch.equal(checked.epistemic_variance, plain.epistemic_variance)
+    assert checked.samples_used == plain.samples_used
+
+
+def test_an_exception_from_the_checkpoint_abandons_the_run() -> None:
+    engine, forwards = _counted_engine()
+    x, options = torch.randn(5, 3), MCOptions(samples=1000, seed=0)
+
+    class Stop(Exception):
+        """The caller gave up."""
+
+    def stop_after_three() -> None:
+        if len(forwards) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        engine.run_many([MCRequest(x, options)], checkpoint=stop_after_three)
+    assert len(forwards) == 3 < engine.chunk_count(len(x), options)  # no chunk after it
+    forwards.clear()
+    again = _reg(engine.run(x, options))  # the engine is none the worse
+    assert len(forwards) == engine.chunk_count(len(x), options)
+    assert again.samples_used == 1000
 
 
 @pytest.mark.parametrize("mask_mode", ["independent", "shared"])
@@ -373,3 +438,79 @@ def test_compiled_engine_matches_eager() -> None:
         got = _reg(compiled.run(x, MCOptions(samples=samples, seed=0)))
         torch.testing.assert_close(got.mean, want.mean)
         torch.testing.assert_close(got.epistemic_variance, want.epistemic_variance)
+
+
+# -- numerics: a heteroscedastic variance never overflows; non-finite summaries are found ----------
+
+
+def _tensors(summary: RegressionSummary | ClassificationSummary) -> dict[str, Tensor]:
+    """Every tensor of a summary by field name (intervals as field[level].lower/upper)."""
+    out: dict[str, Tensor] = {}
+    for f in dataclasses.fields(summary):
+        value = getattr(summary, f.name)
+        if isinstance(value, Tensor):
+            out[f.name] = value
+        elif isinstance(value, dict):
+            for level, bounds in value.items():
+                out[f"{f.name}[{level}].lower"] = bounds.lower
+                out[f"{f.name}[{level}].upper"] = bounds.upper
+    return out
+
+
+def test_a_log_variance_beyond_float64_is_capped_and_every_statistic_stays_finite() -> None:
+    lin = nn.Linear(1, 2)  # [mean, log-variance] = [x, 1000 x]: e^5000 overflows float64
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [1000.0]]))
+        lin.bias.zero_()
+    engine = _regression(nn.Sequential(nn.Dropout(0.5), lin), (1,), heteroscedastic=True,
+                         output_scale=torch.tensor([2.0]))  # fmt: skip
+    x = torch.tensor([[5.0], [-5.0], [1e30]])  # log-variance 1e4 (capped), -1e4 (floored), 2e33
+    y = torch.zeros(3, 1, dtype=torch.float64)
+    options = MCOptions(samples=64, seed=0, return_samples=8, interval_levels=(0.5, 0.95))
+    out = _reg(engine.run(x, options, targets=y))
+    tensors = _tensors(out)
+    assert {"log_likelihood", "samples", "gaussian_intervals[0.95].upper"} <= set(tensors)
+    for name, tensor in tensors.items():
+        assert bool(torch.isfinite(tensor).all()), (name, tensor)
+    # each sample's variance is 2^2 * e^0 (input dropped) or the cap (kept), never more
+    aleatoric = out.aleatoric_variance[:, 0]
+    assert bool((aleatoric[[0, 2]] <= MAX_VARIANCE).all())
+    assert bool((aleatoric[[0, 2]] > MAX_VARIANCE / 64).all())
+    assert 0.0 < aleatoric[1].item() < 4.0  # the dropped samples' 4, the kept ones' floor
+
+
+def test_the_moments_of_a_capped_variance_feature_stay_finite() -> None:
+    head = OutputHead("regression", heteroscedastic=True,
+                      scale=torch.tensor([2.0], dtype=torch.float64))  # fmt: skip
+    acc = Accumulators(head, 1, 16, 0, None, torch.device("cpu"), intervals=False)
+    log_var = torch.tensor([3e38, 0.0, -3e38, 0.0]).repeat(4)  # float32 extremes among zeros
+    acc.update(slice(0, 1), 0, torch.stack([torch.zeros(16), log_var], -1).unsqueeze(0), 16)
+    assert acc.moments is not None
+    values = torch.tensor([MAX_VARIANCE, 4.0, 4.0 * math.exp(-LOG_VARIANCE_BOUND), 4.0] * 4,
+                          dtype=torch.float64)  # fmt: skip
+    mean, variance = acc.moments.mean[0, 1].item(), acc.moments.variance[0, 1].item()
+    assert mean == pytest.approx(values.mean().item(), rel=1e-12)
+    assert variance == pytest.approx(values.var().item(), rel=1e-9)  # the variance's square
+    assert math.isfinite(variance)
+    assert LOG_VARIANCE_BOUND == 300.0
+
+
+def test_first_non_finite_names_the_first_field_its_rows_and_columns() -> None:
+    zeros, ones = torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)
+    finite = RegressionSummary(zeros, ones, ones, 8, 0, {0.95: Interval(zeros, ones)},
+                               log_likelihood=torch.zeros(3, dtype=torch.float64))  # fmt: skip
+    aleatoric, lower = ones.clone(), zeros.clone()
+    aleatoric[1, 1], aleatoric[2, 1], lower[0, 0] = math.inf, math.nan, math.nan
+    both = dataclasses.replace(
+        finite, aleatoric_variance=aleatoric, gaussian_intervals={0.95: Interval(lower, ones)}
+    )
+    interval = dataclasses.replace(finite, gaussian_intervals={0.95: Interval(lower, ones)})
+    loglik = dataclasses.replace(finite, log_likelihood=torch.tensor([0.0, -math.inf, 0.0]))
+    probs = torch.tensor([[math.nan, math.nan], [0.5, 0.5]], dtype=torch.float64)
+    classes = ClassificationSummary(probs, probs.nan_to_num(), torch.zeros(2), torch.zeros(2),
+                                    torch.zeros(2), 8, 0)  # fmt: skip
+    assert first_non_finite(finite) is None
+    assert first_non_finite(both) == NonFinite("aleatoric_variance", [1, 2], [1])
+    assert first_non_finite(interval) == NonFinite("gaussian_intervals[0.95].lower", [0], [0])
+    assert first_non_finite(loglik) == NonFinite("log_likelihood", [1], [])
+    assert first_non_finite(classes) == NonFinite("probabilities", [0], [0, 1])

@@ -361,3 +361,54 @@ def test_entrypoint_module_that_fails_to_import(tmp_path: Path) -> None:
     (folder / "arch.py").write_text("raise ImportError('needs a missing dependency')\n")
     with pytest.raises(ModelLoadError, match=r"cannot import .*arch\.py: .*missing dependency"):
         _load(folder)
+
+
+# --- non-finite weights -------------------------------------------------------------------------
+
+
+def test_nan_and_inf_weights_are_refused_naming_the_tensors_and_the_file(tmp_path: Path) -> None:
+    state = dict(write_mlp_model(tmp_path / "m").state_dict())
+    state["fc0.weight"] = torch.full_like(state["fc0.weight"], float("nan"))
+    state["out.bias"] = torch.tensor([float("inf")])
+    path = _rewrite_weights(tmp_path / "m", state)  # a well-formed safetensors file
+    with pytest.raises(ModelLoadError) as info:
+        _load(tmp_path / "m")
+    assert str(info.value) == (
+        f"{path}: NaN or infinite values (as float32) in tensors [fc0.weight, out.bias]"
+    )
+
+
+def test_float64_weights_that_overflow_float32_are_refused(tmp_path: Path) -> None:
+    state = {k: v.double() for k, v in write_mlp_model(tmp_path / "m").state_dict().items()}
+    state["out.weight"] = torch.full_like(state["out.weight"], 1e300)  # finite in float64 only
+    _rewrite_weights(tmp_path / "m", state)
+    with pytest.raises(ModelLoadError, match=r"safetensors: .* in tensors \[out\.weight\]$"):
+        _load(tmp_path / "m")
+
+
+def test_many_non_finite_tensors_are_listed_first_eight_then_counted(tmp_path: Path) -> None:
+    model = write_mlp_model(tmp_path / "m", hidden=(4, 4, 4, 4, 4))  # 12 tensors
+    _rewrite_weights(
+        tmp_path / "m", {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()}
+    )
+    with pytest.raises(ModelLoadError) as info:
+        _load(tmp_path / "m")
+    names = ", ".join(list(model.state_dict())[:8])
+    assert str(info.value).endswith(f"in tensors [{names} ... and 4 more]")
+
+
+def test_torchscript_with_non_finite_parameters_or_buffers_is_refused(tmp_path: Path) -> None:
+    norm, last = nn.BatchNorm1d(4), nn.Linear(4, 1)
+    original = nn.Sequential(nn.Linear(2, 4), norm, nn.Dropout(0.3), last)
+    with torch.no_grad():
+        last.bias.fill_(float("nan"))
+        assert norm.running_var is not None
+        norm.running_var.fill_(float("inf"))  # a buffer, not a parameter
+    spec = _torchscript_folder(tmp_path / "ts")
+    _script(original.eval(), tmp_path / "ts" / "model.pt")
+    with pytest.raises(ModelLoadError) as info:
+        load_module(spec, tmp_path / "ts")
+    assert str(info.value) == (
+        f"{tmp_path / 'ts' / 'model.pt'}: NaN or infinite values (as float32) in tensors "
+        "[3.bias, 1.running_var]"
+    )

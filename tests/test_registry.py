@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ from http_helpers import (
 from numpy.typing import NDArray
 
 from service.api.outputs import summary_outputs
-from service.errors import ModelLoadError, ModelNotFound
+from service.errors import ModelLoadError, ModelNotFound, NonFiniteOutput
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.registry import ModelRegistry
@@ -280,3 +281,56 @@ async def test_load_of_a_broken_model_raises_and_records_the_error(repo: Path) -
     assert status.state == "READY"  # the old version still serves
     assert status.error is not None
     assert "TOML" in status.error
+
+
+# -- canary: a version that cannot answer never replaces a working one --------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        pytest.param(1e30, "the canary prediction on 2 probe rows failed, so this version is not "
+                     "served: NonFiniteOutput: model 'mlp' cannot compute a finite answer for "
+                     "this input: output 'y' (mean) is NaN or infinite in rows [0, 1]", id="huge"),
+        pytest.param(math.nan, "NaN or infinite values (as float32) in tensors [fc0.weight, "
+                     "fc0.bias, out.weight, out.bias]", id="nan"),
+    ],
+)  # fmt: skip
+async def test_a_version_whose_answers_are_not_finite_never_replaces_the_serving_one(
+    repo: Path, value: float, reason: str
+) -> None:
+    old = answers(repo / "mlp", [3])
+    async with serve(settings_for(repo)) as (app, client):
+        before = await client.post(INFER, json=oip_body(ROW, {"seed": 3}))
+        module = write_mlp_model(repo / "mlp", seed=1, mc={"default_samples": 16})
+        state = {k: torch.full_like(v, value) for k, v in module.state_dict().items()}
+        write_mlp_model(repo / "mlp", mc={"default_samples": 16}, state=state)
+        set_version(repo / "mlp", "2")  # well-formed files; finite but huge, or NaN
+        index = (await client.post("/v2/repository/index")).json()
+        served = await client.post(INFER, json=oip_body(ROW, {"seed": 3}))
+        with pytest.raises(ModelLoadError) as info:
+            await app.state.registry.load("mlp")
+        still = await client.post(INFER, json=oip_body(ROW, {"seed": 3}))
+    assert before.status_code == 200
+    assert (index[0]["state"], index[0]["version"]) == ("READY", "1")
+    assert reason in index[0]["reason"]
+    assert reason in str(info.value)
+    for response in (served, still):
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == "1"
+        assert np.array_equal(decode_outputs(response)["mean"], old[0])
+
+
+def test_the_canary_probes_the_normalisation_mean(tmp_path: Path) -> None:
+    """Far from its input mean this model overflows: the probe must be the mean, not zeros."""
+    state = {"fc0.weight": torch.tensor([[-1e20]]), "fc0.bias": torch.zeros(1),
+             "out.weight": torch.tensor([[1.0]]), "out.bias": torch.zeros(1)}  # fmt: skip
+    write_mlp_model(tmp_path / "m", in_features=1, hidden=(1,), tau=1.0, state=state,
+                    input_mean=[1e20], input_std=[1.0])  # fmt: skip
+    model = ServedModel.load(tmp_path / "m")
+    canary = model.canary()
+    with pytest.raises(NonFiniteOutput):
+        model.predict(torch.zeros(1, 1), model.options(8, seed=0))
+    assert isinstance(canary, RegressionSummary)
+    assert canary.samples_used == 8
+    assert torch.equal(canary.mean, torch.zeros(2, 1, dtype=torch.float64))
