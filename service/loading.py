@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import struct
 import sys
 import warnings
@@ -26,7 +27,9 @@ from torch import nn
 from service.architectures import build_architecture
 from service.errors import ModelLoadError
 from service.manifest import MANIFEST_NAME, ModelSpec
+from service.repository import inside
 
+log = logging.getLogger(__name__)
 _MAX_HEADER = 100_000_000  # the safetensors format's own cap on the JSON header
 _LISTED = 8  # names shown in an error before "... and N more"
 
@@ -35,6 +38,7 @@ def load_module(spec: ModelSpec, folder: Path) -> nn.Module:
     """Build the network a manifest describes and load its weights; eval mode, CPU, float32."""
     manifest = folder / MANIFEST_NAME
     weights = folder / spec.model.weights
+    inside(folder, weights, f"{manifest}: model.weights")
     module: nn.Module
     if spec.model.format == "torchscript":
         module = _load_torchscript(weights)
@@ -47,7 +51,9 @@ def load_module(spec: ModelSpec, folder: Path) -> nn.Module:
         else:
             module = _build_from_entrypoint(spec, folder)
         load_weights(module, weights)
-    return module.to(device="cpu", dtype=torch.float32).eval()
+    module = module.to(device="cpu", dtype=torch.float32).eval()
+    check_finite_tensors(module, weights)
+    return module
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
@@ -79,6 +85,23 @@ def load_weights(module: nn.Module, path: Path) -> None:
     if problems:
         raise ModelLoadError(f"{path}: weights do not fit the model: {'; '.join(problems)}")
     module.load_state_dict(state, strict=True)
+
+
+def check_finite_tensors(module: nn.Module, path: Path) -> None:
+    """Refuse a module with NaN or inf in a floating parameter or buffer (as served, float32).
+
+    Such weights load without complaint and then fail every request; `path` is the file named.
+    """
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    bad = [
+        name
+        for name, t in tensors
+        if t.is_floating_point() and not bool(torch.isfinite(t.detach()).all())
+    ]
+    if bad:
+        raise ModelLoadError(
+            f"{path}: NaN or infinite values (as float32) in tensors {_names(bad)}"
+        )
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -150,6 +173,8 @@ def _build_from_entrypoint(spec: ModelSpec, folder: Path) -> nn.Module:
     if entrypoint is None:  # the manifest validator guarantees it; keep mypy and readers honest
         raise ModelLoadError(f"{manifest}: model.entrypoint: required for format 'entrypoint'")
     module_name, factory_name = entrypoint.split(":")
+    log.warning("model '%s' runs Python code (format 'entrypoint', %s): the model repository "
+                "is trusted code, see docs/security.md", spec.name, entrypoint)  # fmt: skip
     user_module = _import_user_module(module_name, folder, manifest)
     factory = getattr(user_module, factory_name, None)
     if not callable(factory):
@@ -205,6 +230,8 @@ def _import_user_module(module_name: str, folder: Path, manifest: Path) -> Modul
     that both ship an `arch.py` do not clash in sys.modules.
     """
     local = folder.joinpath(*module_name.split(".")).with_suffix(".py")
+    if local.is_file():
+        inside(folder, local, f"{manifest}: model.entrypoint")
     try:
         if not local.is_file():
             return importlib.import_module(module_name)

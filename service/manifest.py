@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from service.errors import ModelLoadError
 
 Task = Literal["regression", "classification"]
 MaskMode = Literal["independent", "shared"]
 MANIFEST_NAME = "model.toml"
+# A model name is a folder name and a URL path segment: no separators, no leading dot (so
+# never "." or ".."), bounded length. Routes check request names against it before any lookup.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class _Strict(BaseModel):
@@ -66,8 +76,18 @@ class ArchitectureSpec(_Strict):
     format: Literal["builtin", "entrypoint", "torchscript"]
     architecture: Literal["mlp", "cnn"] | None = None
     entrypoint: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    weights: str = "weights.safetensors"
+    weights: str = Field(
+        "weights.safetensors", description="a path inside the model folder (relative, no '..')"
+    )
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _inside_folder(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or "\\" in value or ".." in path.parts:
+            raise ValueError(f"{value!r} must be a relative path inside the model folder")
+        return value
 
     @model_validator(mode="after")
     def _format_fields(self) -> ArchitectureSpec:
@@ -118,7 +138,7 @@ class RuntimeSpec(_Strict):
 class ModelSpec(_Strict):
     """Everything a model folder declares about itself."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     version: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     task: Task
     description: str = ""

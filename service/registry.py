@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from service.manifest import MANIFEST_NAME, ModelSpec
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.recent import RecentUncertainty
-from service.repository import fingerprint, scan_repository
+from service.repository import check_model_name, fingerprint, model_folder, scan_repository
 from service.shard_pool import LocalShardPool
 from service.sharding import ModelRef, ShardExecutor, Splitter
 from service.uncertainty import Summary
@@ -117,7 +118,7 @@ class ModelRegistry:
         async with self._control:
             scan = await asyncio.to_thread(scan_repository, self.settings.model_repository)
             self._errors = {k: v for k, v in self._errors.items() if k in self._entries}
-            self._errors.update(scan.errors)
+            self._errors.update({k: self._public(v) for k, v in scan.errors.items()})
             for name, (_, folder) in scan.models.items():
                 await self._load(name, folder, force=False)
             for name in [n for n in self._entries if n not in scan.models and n not in scan.errors]:
@@ -127,7 +128,10 @@ class ModelRegistry:
     async def load(self, name: str) -> ModelStatus:
         """(Re)load one model now; raises ModelLoadError (old version keeps serving)."""
         async with self._control:
-            folder = self.settings.model_repository / name
+            try:  # a bad name is refused before any path is built from it
+                folder = model_folder(self.settings.model_repository, name)
+            except ModelLoadError as exc:
+                raise ModelLoadError(self._public(str(exc))) from exc
             if not (folder / MANIFEST_NAME).is_file():
                 raise ModelNotFound(
                     f"model '{name}' has no folder with a {MANIFEST_NAME} in the repository"
@@ -139,6 +143,7 @@ class ModelRegistry:
 
     async def unload(self, name: str) -> None:
         """Stop serving a model; queued requests finish first."""
+        check_model_name(name)
         async with self._control:
             if name not in self._entries:
                 raise ModelNotFound(f"model '{name}' is not loaded")
@@ -153,6 +158,7 @@ class ModelRegistry:
         self._loading.add(name)
         try:
             model = await asyncio.to_thread(ServedModel.load, folder, self.settings)
+            await asyncio.to_thread(model.canary)  # a version that cannot answer never swaps in
             if model.spec.name != name:
                 got = model.spec.name
                 raise ModelLoadError(
@@ -161,7 +167,7 @@ class ModelRegistry:
         except Exception as exc:
             message = str(exc) if isinstance(exc, ModelLoadError) else f"{folder}: {exc!r}"
             log.error("model '%s' failed to load: %s", name, message)
-            self._errors[name] = message
+            self._errors[name] = self._public(message)
             self._failed[name] = mark
             self.metrics.observe_load_failure(name)
             return
@@ -183,6 +189,7 @@ class ModelRegistry:
             metrics=self.metrics,
             recent=recent,
             splitter=await self._splitter(ModelRef(name, folder, mark)),
+            interleave=self.settings.interleave,
         )  # fmt: skip
         self._entries[name] = ModelEntry(model, worker, mark, recent)
         self._errors.pop(name, None)
@@ -210,11 +217,18 @@ class ModelRegistry:
         await asyncio.to_thread(entry.worker.close)
         self.metrics.remove_model(name)
 
+    def _public(self, message: str) -> str:
+        """A load error as callers see it: paths relative to the repository, none of the host's."""
+        root = self.settings.model_repository
+        for prefix in sorted({str(root.resolve()), str(root.absolute())}, key=len, reverse=True):
+            message = message.replace(prefix.rstrip(os.sep) + os.sep, "")
+        return message
+
     # -- lookups ---------------------------------------------------------------------------
 
     def get(self, name: str, version: str | None = None) -> ModelEntry:
-        """The serving entry, or ModelNotFound naming what is missing."""
-        entry = self._entries.get(name)
+        """The serving entry, or ModelNotFound naming what is missing (InvalidInput: bad name)."""
+        entry = self._entries.get(check_model_name(name))
         if entry is None:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFound(f"model '{name}' is not loaded (loaded: {known})")

@@ -3,11 +3,44 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.errors import ModelLoadError
-from service.manifest import MANIFEST_NAME, ModelSpec, load_manifest
+from service.errors import InvalidInput, ModelLoadError
+from service.manifest import MANIFEST_NAME, NAME_PATTERN, ModelSpec, load_manifest
+
+_NAME = re.compile(NAME_PATTERN)
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it follows the manifest's name rule; InvalidInput otherwise.
+
+    Every route that takes a model name calls this before touching the file system, so no
+    ".", "..", separator or encoded form of them ever reaches a path.
+    """
+    if not _NAME.fullmatch(name):
+        shown = name if len(name) <= 64 else name[:61] + "..."
+        raise InvalidInput(
+            f"model name {shown!r} is not valid: letters, digits, '_', '.', '-', starting "
+            "with a letter or digit, at most 128 characters"
+        )
+    return name
+
+
+def inside(root: Path, path: Path, what: str) -> Path:
+    """`path` with symlinks resolved, if it lies inside `root`; ModelLoadError otherwise."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ModelLoadError(f"{what}: resolves outside {root.name or root} (symlink?); refused")
+    return resolved
+
+
+def model_folder(root: Path, name: str) -> Path:
+    """The folder of model `name`: a valid name, and inside the repository once resolved."""
+    folder = root / check_model_name(name)
+    inside(root, folder, name)
+    return folder
 
 
 @dataclass(frozen=True)
@@ -33,8 +66,11 @@ def scan_repository(root: Path) -> RepositoryScan:
         if folder.name.startswith(".") or not folder.is_dir() or not manifest.exists():
             continue
         try:
+            check_model_name(folder.name)
+            inside(root, folder, folder.name)
+            inside(folder, manifest, f"{folder.name}/{MANIFEST_NAME}")
             spec = load_manifest(manifest)
-        except ModelLoadError as exc:
+        except (ModelLoadError, InvalidInput) as exc:
             errors[folder.name] = str(exc)
             continue
         except (OSError, ValueError) as exc:  # unreadable file, not UTF-8, ...
