@@ -55,6 +55,8 @@ RUN groupadd --system --gid 10001 mcdrop \
         --shell /usr/sbin/nologin mcdrop
 # Settings before content: the legacy builder commits each instruction from a container, and on
 # the vfs storage driver that copies the whole file system, so these run while it is still small.
+# 0.0.0.0 so the published port reaches it; beyond loopback, repository control stays off until
+# MCDROP_CONTROL_TOKEN is set (docs/security.md).
 ENV PATH=/opt/venv/bin:$PATH \
     MCDROP_HOST=0.0.0.0 \
     MCDROP_PORT=8000 \

@@ -138,12 +138,16 @@ def launched(
     port: int,
     predict_path: str,
     ready_path: str,
+    cwd: Path = ROOT,
 ) -> Iterator[Server]:
-    """Start `command` in its own process group; stop the group on the way out, errors too."""
+    """Start `command` in its own process group; stop the group on the way out, errors too.
+
+    `cwd` is the source tree it runs from (another checkout, to compare commits side by side).
+    """
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,

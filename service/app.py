@@ -12,7 +12,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from service import __version__
 from service.api import admin, dashboard, native, oip
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.gate import RequestGate
+from service.api.middleware import CancelledAsUnavailable, RequestMetrics
 from service.config import Settings
 from service.metrics import Metrics
 from service.registry import ModelRegistry
@@ -50,6 +51,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
+    # The last added runs first: CORS headers on every answer, then a 503 for requests cut at
+    # shutdown, then the gate (token, model, body cap) before anything reads a body.
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestGate, settings=settings, registry=registry)
+    app.add_middleware(CancelledAsUnavailable)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -57,6 +63,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["*"],
         )
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -56,9 +56,11 @@ def build_app(args: Mapping[str, Any]) -> Application:
     """KubeRay / `serve run` builder: args are Settings fields plus RayOptions fields.
 
     e.g. {"model_repository": "/models", "replicas": 2, "num_cpus": 0.5, "num_gpus": 0} or
-    {"autoscaling": "1:4"}; an unknown or invalid argument is an error naming it.
+    {"autoscaling": "1:4"}; an unknown or invalid argument is an error naming it. The
+    cluster's proxy, not these settings, decides where the app listens, so `host` defaults to
+    0.0.0.0 here: repository control then needs a control token (docs/security.md).
     """
-    settings, options = split_app_args(args)
+    settings, options = split_app_args({"host": "0.0.0.0", **args})
     if options.address is not None:
         raise ValueError("address: not an application argument (the cluster is already chosen)")
     return application(settings, options)

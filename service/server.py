@@ -11,10 +11,9 @@ from typing import Any
 
 import uvicorn
 
+from service.api.deps import is_loopback
 from service.app import create_app
 from service.config import Settings
-
-GRACEFUL_SHUTDOWN_S = 30
 
 
 def urls(settings: Settings) -> dict[str, str]:
@@ -32,7 +31,8 @@ def serve(settings: Settings) -> None:
     print(
         f"mcdrop: serving {settings.model_repository} on {where['api']}\n"
         f"  dashboard: {where['dashboard']}\n  API docs:  {where['docs']}\n"
-        f"  health:    {where['health']}\n  metrics:   {where['metrics']}",
+        f"  health:    {where['health']}\n  metrics:   {where['metrics']}\n"
+        f"  control:   {control_state(settings)}",
         file=sys.stderr,
         flush=True,
     )
@@ -40,13 +40,22 @@ def serve(settings: Settings) -> None:
     # into a clean exit 0 after the graceful shutdown.
     signal.signal(signal.SIGTERM, lambda *_: None)
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "info",
-              "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S}  # fmt: skip
+              "timeout_graceful_shutdown": settings.shutdown_timeout_s}  # fmt: skip
     if settings.workers == 1:
         uvicorn.Server(uvicorn.Config(create_app(settings), **common)).run()
         return
     # Worker processes build their own app from the environment: hand them these settings.
     os.environ.update(settings_environment(settings))
     uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
+
+
+def control_state(settings: Settings) -> str:
+    """How repository control (index, load, unload) is reachable, for the start-up banner."""
+    if settings.control_token is not None:
+        return "needs the control token (Authorization: Bearer)"
+    if is_loopback(settings.host):
+        return "open to loopback clients (no MCDROP_CONTROL_TOKEN)"
+    return "off: listening beyond loopback without MCDROP_CONTROL_TOKEN (docs/security.md)"
 
 
 def settings_environment(settings: Settings) -> dict[str, str]:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,19 +286,20 @@ def metric(series: Series, name: str, **labels: str) -> float:
 class EngineSpy:
     """Wraps an engine's run_many: records the requests of every call; can hold calls."""
 
-    def __init__(self, run_many: Callable[[list[MCRequest]], Any]) -> None:
+    def __init__(self, run_many: Callable[..., Any]) -> None:
         self._run = run_many
         self.calls: list[list[MCRequest]] = []
         self._open = threading.Event()
         self._open.set()
         self._lock = threading.Lock()
 
-    def __call__(self, requests: Sequence[MCRequest]) -> Any:
+    def __call__(self, requests: Sequence[MCRequest], **options: Any) -> Any:
+        """Record the call, wait while held, then run it (options, e.g. checkpoint, passed on)."""
         with self._lock:
             self.calls.append(list(requests))
         if not self._open.wait(timeout=WAIT_S):
             raise RuntimeError("EngineSpy: held call never released")
-        return self._run(list(requests))
+        return self._run(list(requests), **options)
 
     def hold(self) -> None:
         """Calls that start from now on wait until release()."""
@@ -455,3 +456,29 @@ async def raw_asgi_post(
     }  # fmt: skip
     await app(scope, receive, send)
     return sent
+
+
+async def asgi_call(
+    app: FastAPI,
+    method: str,
+    path: str,
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> tuple[int, dict[str, Any]]:
+    """One request through the ASGI interface with a caller-made `receive`: (status, JSON)."""
+    sent: list[Mapping[str, Any]] = []
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 50000), "server": ("mcdrop.test", 80),
+        "headers": [(b"content-type", b"application/json"), *headers],
+    }  # fmt: skip
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    answer: dict[str, Any] = json.loads(text)
+    return status, answer

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import write_mlp_model
 from http_helpers import (
+    asgi_call,
     copy_shipped,
     error_of,
     metric,
@@ -26,6 +29,7 @@ from http_helpers import (
 )
 
 from service import __version__
+from service.app import create_app
 
 pytestmark = pytest.mark.anyio
 TOKEN = "s3cret-token"
@@ -118,6 +122,28 @@ async def test_openapi_documents_the_native_endpoints_with_examples(repo: Path) 
     assert "/openapi.json" in docs.text
 
 
+async def test_every_route_documents_its_error_answers_and_oip_infer_its_body(
+    repo: Path,
+) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        schema = (await client.get("/openapi.json")).json()
+    error_ref = "#/components/schemas/ErrorBody"
+    assert schema["components"]["schemas"]["ErrorBody"]["required"] == ["error"]
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            for status in ("400", "401", "404", "413", "422", "503", "504", "500"):
+                content = responses[status]["content"]["application/json"]
+                assert content["schema"]["$ref"] == error_ref, (method, path, status)
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        body = schema["paths"][path]["post"]["requestBody"]
+        request = body["content"]["application/json"]["schema"]
+        assert request["required"] == ["inputs"]
+        assert set(request["properties"]["inputs"]["items"]["properties"]["datatype"]["enum"]) >= {
+            "FP32", "FP64", "INT64", "BOOL"}  # fmt: skip
+        assert "application/octet-stream" in body["content"]
+
+
 async def test_the_documented_examples_are_accepted(repo: Path) -> None:
     """The OpenAPI examples are one-feature regression rows: toy-regression answers them."""
     async with serve(settings_for(repo)) as (_, client):
@@ -180,6 +206,80 @@ async def test_inference_endpoints_need_the_inference_token(repo: Path) -> None:
     assert [a.status_code for a in accepted] == [200, 200, 200], [a.text for a in accepted]
     assert health.status_code == 200
     assert index.status_code == 200
+
+
+CONTROL = [
+    ("/v2/repository/index", 200),
+    ("/v2/repository/models/mlp/unload", 200),
+    ("/v2/repository/models/mlp/load", 200),
+]
+
+
+async def _control(client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> list[int]:
+    return [(await client.post(url, headers=headers)).status_code for url, _ in CONTROL]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "mcdrop.example"])
+async def test_control_is_off_without_a_token_when_bound_beyond_loopback(
+    repo: Path, host: str
+) -> None:
+    """The image binds 0.0.0.0: there, index/load/unload need MCDROP_CONTROL_TOKEN."""
+    async with serve(settings_for(repo, host=host)) as (_, client):
+        refused = [await client.post(url) for url, _ in CONTROL]
+        still_serving = await client.get("/v2/models/mlp/ready")
+    for response in refused:
+        assert "MCDROP_CONTROL_TOKEN" in error_of(response, 403)
+    assert still_serving.status_code == 200
+    async with serve(settings_for(repo, host=host, control_token=TOKEN)) as (_, client):
+        assert await _control(client) == [401] * 3
+        assert await _control(client, {"Authorization": f"Bearer {TOKEN}"}) == [200] * 3
+
+
+@pytest.mark.parametrize("peer", ["203.0.113.9", "192.168.0.7", "::ffff:10.0.0.1"])
+async def test_control_without_a_token_refuses_a_peer_beyond_loopback(
+    repo: Path, peer: str
+) -> None:
+    """Even bound to loopback (e.g. behind a forwarder that keeps the peer address)."""
+    app = create_app(settings_for(repo))
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        assert await _control(client) == [403] * 3
+    local = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=local, base_url="http://t") as client,
+    ):
+        assert await _control(client) == [200] * 3
+
+
+async def test_the_model_list_needs_the_inference_token_and_shows_no_host_paths(
+    repo: Path,
+) -> None:
+    (repo / "broken").mkdir()
+    (repo / "broken" / "model.toml").write_text('name = "broken"\ntask = "nope"\n')
+    async with serve(settings_for(repo, inference_token=TOKEN)) as (_, client):
+        refused = await client.get("/v1/models")
+        listed = await client.get("/v1/models", headers={"Authorization": f"Bearer {TOKEN}"})
+    error_of(refused, 401)
+    broken = next(m for m in listed.json() if m["name"] == "broken")
+    assert broken["state"] == "FAILED"
+    assert broken["error"].startswith("broken/model.toml: ")
+    assert str(repo) not in listed.text
+    assert str(repo.resolve()) not in listed.text
+
+
+async def test_a_load_error_names_files_relative_to_the_repository(repo: Path) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        (repo / "mlp" / "weights.safetensors").write_bytes(b"\x80\x04 not weights")
+        response = await client.post("/v2/repository/models/mlp/load")
+        serving = await client.get("/v2/models/mlp/ready")
+    message = error_of(response, 400)
+    assert message.startswith("mlp/weights.safetensors: not a safetensors file"), message
+    assert str(repo.resolve()) not in message
+    assert serving.status_code == 200  # the old version keeps serving
 
 
 async def test_cors_headers_for_the_configured_origins_only(repo: Path) -> None:
@@ -286,6 +386,27 @@ async def test_a_client_that_disconnects_while_queued_costs_no_compute(
     assert {1.0, 3.0} <= set(spy.rows_seen())
     assert depth == 0
     assert messages[0]["status"] >= 400  # nobody reads it; it must not claim success
+
+
+async def test_a_client_that_leaves_mid_body_is_no_server_error(
+    repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logged as an ordinary event, not as an unhandled traceback."""
+    caplog.set_level(logging.INFO)
+    async with serve(settings_for(repo)) as (app, _):
+        for path in ("/v2/models/mlp/infer", "/v1/models/mlp/predict"):
+            parts = [{"type": "http.request", "body": b'{"inputs": [', "more_body": True}]
+
+            async def receive(parts: list[dict[str, Any]] = parts) -> dict[str, Any]:
+                return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+            declared = [(b"content-length", b"5000")]
+            status, _ = await asgi_call(app, "POST", path, receive, declared)
+            assert status == 400, path
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    assert any("client left before sending the whole body" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
 
 
 # -- failures stay isolated --------------------------------------------------------------------

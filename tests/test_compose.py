@@ -80,6 +80,14 @@ def test_service_is_the_image_with_the_model_repository_mounted() -> None:
     assert [p["published"] for p in own["ports"]] == ["8000-8002"]  # one port per replica
 
 
+def test_every_port_is_published_on_loopback_unless_asked() -> None:
+    """The image listens on 0.0.0.0 inside its container; the host exposes it only locally."""
+    for name, service in config()["services"].items():
+        assert [p["host_ip"] for p in service["ports"]] == ["127.0.0.1"], name
+    for name, service in config(PUBLISH_ADDRESS="0.0.0.0")["services"].items():
+        assert [p["host_ip"] for p in service["ports"]] == ["0.0.0.0"], name
+
+
 def test_every_setting_passes_through_and_unset_ones_stay_unset() -> None:
     names = {f"MCDROP_{f.upper()}" for f in Settings.model_fields} - {
         f"MCDROP_{f.upper()}" for f in SET_BY_THE_IMAGE

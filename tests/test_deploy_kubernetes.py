@@ -42,8 +42,8 @@ from starlette.routing import Match
 from service.api.admin import metrics
 from service.api.oip import live, ready
 from service.app import create_app
+from service.config import DEFAULT_SHUTDOWN_TIMEOUT_S as GRACEFUL_SHUTDOWN_S
 from service.config import Settings
-from service.server import GRACEFUL_SHUTDOWN_S
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -316,7 +316,7 @@ def drain_problems(sites: list[PodSite]) -> list[str]:
             if grace < pause + GRACEFUL_SHUTDOWN_S:
                 problems.append(
                     f"{site.where}: terminationGracePeriodSeconds {grace} < preStop {pause} s + "
-                    f"drain {GRACEFUL_SHUTDOWN_S} s (service/server.py)"
+                    f"drain {GRACEFUL_SHUTDOWN_S} s (service/config.py)"
                 )
     return problems
 

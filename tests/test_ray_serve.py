@@ -202,7 +202,10 @@ def test_metrics_dashboard_docs_and_errors_through_the_proxy(deployed: str) -> N
     assert "<html" in page.text
     assert httpx.get(f"{deployed}/openapi.json", timeout=30).json()["info"]["title"] == "mcdrop"
     assert httpx.get(f"{deployed}/docs", timeout=30).status_code == 200
+    listed = httpx.get(f"{deployed}/v1/models", timeout=30)
+    assert {m["name"] for m in listed.json()} == {"digits", "toy-regression", "probe"}
+    # build_app assumes the cluster's proxy listens beyond loopback: no control without a token
     index = httpx.post(f"{deployed}/v2/repository/index", timeout=30)
-    assert {m["name"] for m in index.json()} == {"digits", "toy-regression", "probe"}
+    assert "MCDROP_CONTROL_TOKEN" in error_of(index, 403)
     missing = httpx.post(f"{deployed}/v1/models/nope/predict", json=PREDICT, timeout=30)
     assert "nope" in error_of(missing, 404)

@@ -27,6 +27,9 @@ from http_helpers import (
     write_slow_model,
 )
 
+from service.config import Settings
+from service.server import control_state
+
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CLIENTS = 32
@@ -205,6 +208,31 @@ async def test_sigterm_finishes_work_in_flight_then_exits_0(tmp_path: Path) -> N
     assert {1.0, 2.0} <= slow.computed()
 
 
+async def test_a_request_still_running_when_the_drain_window_closes_gets_a_503(
+    tmp_path: Path,
+) -> None:
+    """Not uvicorn's bare text 500: a JSON error saying to retry, with Retry-After."""
+    slow = write_slow_model(tmp_path / "repo" / "slow", batching={"max_batch_delay_ms": 0})
+    server = start_server(tmp_path / "repo", tmp_path / "server.log", launcher="cli",
+                          env={"MCDROP_SHUTDOWN_TIMEOUT_S": "0.5"})  # fmt: skip
+    try:
+        url = f"{server.url}/v2/models/slow/infer"
+        async with httpx.AsyncClient(timeout=60.0) as client:
+            with slow.held():
+                running = asyncio.create_task(client.post(url, json=oip_body([[1.0]])))
+                await slow.started(1.0)
+                server.process.send_signal(signal.SIGTERM)
+                answer = await running
+            code = await asyncio.to_thread(server.process.wait, 30.0)
+    finally:
+        server.stop()
+    assert answer.status_code == 503, answer.text
+    assert "shut down before this request finished" in answer.json()["error"]
+    assert answer.headers["retry-after"] == "1"
+    assert "Traceback" not in server.output()
+    assert code == 0, server.output()
+
+
 def _queued_on_server(server: ServerProcess) -> bool:
     series = parse_metrics(httpx.get(f"{server.url}/metrics", timeout=5.0).text)
     return metric(series, "mcdrop_queue_depth", model="slow") == 1
@@ -238,3 +266,15 @@ def test_worker_processes_rebuild_exactly_the_served_settings(
         monkeypatch.setenv(key, value)
     assert Settings() == chosen
     assert urls(chosen)["health"] == "http://127.0.0.1:8123/v2/health/ready"
+
+
+@pytest.mark.parametrize(
+    ("host", "token", "state"),
+    [
+        ("127.0.0.1", None, "open to loopback clients"),
+        ("0.0.0.0", None, "off: listening beyond loopback"),
+        ("0.0.0.0", "t", "needs the control token"),
+    ],
+)
+def test_the_banner_says_how_control_is_reachable(host: str, token: str | None, state: str) -> None:
+    assert control_state(Settings(host=host, control_token=token)).startswith(state)

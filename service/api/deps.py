@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 import time
 from collections.abc import Awaitable
@@ -11,7 +12,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from service.config import Settings
-from service.errors import ClientGone, InvalidInput, Unauthorized
+from service.errors import ClientGone, Forbidden, InvalidInput, Unauthorized
 from service.registry import ModelRegistry
 
 T = TypeVar("T")
@@ -24,25 +25,62 @@ def registry_of(request: Request) -> ModelRegistry:
     return registry
 
 
-def _check_token(request: Request, expected: str | None, what: str) -> None:
+def check_token(authorization: str | None, expected: str | None, what: str) -> None:
+    """Unauthorized unless `authorization` is 'Bearer <expected>' (nothing to check if None)."""
     if expected is None:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
         raise Unauthorized(f"{what} needs 'Authorization: Bearer <token>'")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def require_inference_token(request: Request) -> None:
     """Dependency: inference endpoints, when MCDROP_INFERENCE_TOKEN is set."""
     settings: Settings = request.app.state.settings
-    _check_token(request, settings.inference_token, "inference")
+    check_token(request.headers.get("authorization"), settings.inference_token, "inference")
 
 
 def require_control_token(request: Request) -> None:
-    """Dependency: repository control endpoints, when MCDROP_CONTROL_TOKEN is set."""
+    """Dependency: repository control needs MCDROP_CONTROL_TOKEN, or loopback on both ends.
+
+    Without a token, control answers only when the server listens on loopback and the peer
+    is a loopback address: no unauthenticated caller from the network can ever index, load
+    or unload (docs/security.md).
+    """
     settings: Settings = request.app.state.settings
-    _check_token(request, settings.control_token, "repository control")
+    if settings.control_token is not None:
+        check_token(request.headers.get("authorization"), settings.control_token,
+                    "repository control")  # fmt: skip
+        return
+    enable = "set MCDROP_CONTROL_TOKEN and send 'Authorization: Bearer <token>' to enable it"
+    if not is_loopback(settings.host):
+        raise Forbidden(
+            f"repository control is off: the server listens on {settings.host}, beyond "
+            f"loopback, and has no control token; {enable}"
+        )
+    peer = request.client.host if request.client is not None else None
+    if peer is not None and _is_ip(peer) and not is_loopback(peer):
+        raise Forbidden(f"repository control without a token is for loopback clients; {enable}")
 
 
 def deadline(request: Request, timeout_ms: float | None = None) -> float | None:

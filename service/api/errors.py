@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = "1"
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response, whatever the route or protocol."""
+
+    error: str = Field(description="what went wrong, naming the field, input or model")
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+# The error statuses any route may answer, documented once for every router's OpenAPI entry.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("malformed request, invalid model name, or a model that failed to load"),
+    401: _documented("a bearer token is required and was missing or wrong"),
+    403: _documented("repository control is off for this caller (see docs/security.md)"),
+    404: _documented("no such model, version, or report"),
+    413: _documented("the body is larger than the model's or the server's limit"),
+    422: _documented("a field is out of range, or the model cannot give a finite answer"),
+    503: _documented("queue full, repository loading, or server shutting down (Retry-After)"),
+    504: _documented("the request's deadline passed"),
+    500: _documented("an unexpected failure (logged by the server, never with its details)"),
+}
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -47,6 +74,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; an ordinary event, not a server fault worth a traceback.
+        log.info("client left before sending the whole body of %s %s", request.method,
+                 request.url.path)  # fmt: skip
+        return error_response(400, "the client disconnected before sending the whole body")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,64 +1,50 @@
-"""ASGI middleware: request size limit and per-request metrics (pure ASGI, no buffering)."""
+"""ASGI middleware: answers for requests cancelled at shutdown, per-request metrics (pure ASGI)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.errors import error_response
 from service.metrics import Metrics
 
+log = logging.getLogger(__name__)
 
-class BodyLimit:
-    """Refuse bodies larger than `limit` bytes with 413, by header or while streaming."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+class CancelledAsUnavailable:
+    """A request the server cancels (its shutdown window closed) gets a 503 JSON error.
+
+    uvicorn cancels requests still running when `timeout_graceful_shutdown` ends and answers
+    them with a bare text 500; the client should instead learn it may retry elsewhere.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _too_large(send, self.limit)
-            return
-        if declared is not None:
-            await self.app(scope, receive, send)
-            return
-        # Chunked body of unknown length: read it (up to the limit) before the app sees it.
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = bool(message.get("more_body", False))
-            if size > self.limit:
-                await _too_large(send, self.limit)
-                return
-        replayed = False
+        started = False
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-        await self.app(scope, replay, send)
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    body = b'{"error": "request body is larger than the limit of %d bytes"}' % limit
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})  # fmt: skip
-    await send({"type": "http.response.body", "body": body})
+        try:
+            await self.app(scope, receive, tracking)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            log.warning("answering %s %s with 503: cancelled at shutdown", scope["method"],
+                        scope["path"])  # fmt: skip
+            message = "the server shut down before this request finished; retry"
+            await error_response(503, message)(scope, receive, send)
 
 
 class RequestMetrics:

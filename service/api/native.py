@@ -1,8 +1,9 @@
 """Native JSON API: rows in, one object per row out; evaluation; the model list; live views.
 
-The reads of model data (the list, recent uncertainty, latest calibration) are open like
-/metrics: they hold aggregates only, never rows, answers or targets, and run no model. Routes
-that run the model need the inference token when one is set.
+The live views (recent uncertainty, latest calibration) are open like /metrics: they hold
+aggregates only, never rows, answers or targets, and run no model. Routes that run a model,
+and the model list (it names the repository's folders and their load errors), need the
+inference token when one is set.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import deadline, registry_of, require_inference_token, unless_disconnected
+from service.api.errors import ERROR_RESPONSES
 from service.errors import InvalidInput, ModelNotFound
 from service.evaluation import evaluate
 from service.model import ServedModel
 from service.registry import ModelStatus
 from service.render import summary_meta, summary_rows
 
-router = APIRouter(tags=["native"])
+router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
 Rows = list[Any]
 
 
@@ -170,9 +172,12 @@ def model_info(status: ModelStatus) -> ModelInfo:
     )
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_inference_token)])
 async def list_models(request: Request) -> list[ModelInfo]:
-    """Every model of the repository with its version, task, state, limits and last error."""
+    """Every model of the repository with its version, task, state, limits and last error.
+
+    Errors name files relative to the repository; the list needs the inference token if set.
+    """
     return [model_info(s) for s in registry_of(request).statuses()]
 
 

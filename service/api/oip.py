@@ -15,8 +15,8 @@ from service.api.deps import (
     require_inference_token,
     unless_disconnected,
 )
-from service.api.errors import error_response
-from service.api.oip_codec import encode_infer_response, parse_infer_request
+from service.api.errors import ERROR_RESPONSES, error_response
+from service.api.oip_codec import DATATYPES, encode_infer_response, parse_infer_request
 from service.api.outputs import (
     input_metadata,
     output_metadata,
@@ -28,9 +28,56 @@ from service.engine import MCOptions
 from service.errors import InvalidInput
 from service.model import ServedModel
 
-router = APIRouter(tags=["open inference protocol"])
+router = APIRouter(tags=["open inference protocol"], responses=ERROR_RESPONSES)
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "parameters"]
+
+_PARAMETERS = {"type": "object", "additionalProperties": True}
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "examples": ["input"]},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "parameters": _PARAMETERS,
+        "data": {"type": "array", "description": "row-major values, flat or nested"},
+    },
+}
+# The OIP v2 inference request (JSON part; binary tensors follow it when the
+# Inference-Header-Content-Length header says where the JSON ends).
+INFER_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": _PARAMETERS,
+                    "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+                    "outputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {"name": {"type": "string"}, "parameters": _PARAMETERS},
+                        },
+                    },
+                },
+            },
+            "example": {
+                "inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [0.5]}],
+                "parameters": {"mc_samples": 100, "seed": 7},
+            },
+        },
+        "application/octet-stream": {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "JSON header, then raw tensors (binary tensor extension)",
+        },
+    },
+}
 
 
 @router.get("/v2")
@@ -124,9 +171,15 @@ def mc_options(model: ServedModel, params: dict[str, Any]) -> MCOptions:
         raise type(exc)(message) from exc
 
 
-@router.post("/v2/models/{name}/infer", dependencies=[Depends(require_inference_token)])
 @router.post(
-    "/v2/models/{name}/versions/{version}/infer", dependencies=[Depends(require_inference_token)]
+    "/v2/models/{name}/infer",
+    dependencies=[Depends(require_inference_token)],
+    openapi_extra={"requestBody": INFER_REQUEST_BODY},
+)
+@router.post(
+    "/v2/models/{name}/versions/{version}/infer",
+    dependencies=[Depends(require_inference_token)],
+    openapi_extra={"requestBody": INFER_REQUEST_BODY},
 )
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """MC inference over the rows of the single input tensor 'input'."""
