@@ -391,3 +391,14 @@ def test_datatype_table_round_trips() -> None:
     assert datatype_of(np.zeros(1, bool)) == "BOOL"
     with pytest.raises(TypeError, match="complex128"):
         datatype_of(np.zeros(1, np.complex128))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_json_output_raises_instead_of_writing_bare_nan(value: float) -> None:
+    out = OutputTensor("mean", "FP64", np.array([[1.0, value]]))
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        encode_infer_response("m", None, None, [out], {}, set())
+    body, headers = encode_infer_response("m", None, None, [out], {}, {"mean"})  # raw bytes: fine
+    got = decode(body, headers).as_numpy("mean")
+    assert got is not None
+    assert np.array_equal(got, out.data, equal_nan=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,10 @@ _WIRE = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64"
 DATATYPES: dict[str, np.dtype[Any]] = {name: np.dtype(code) for name, code in _WIRE.items()}
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
 _UNSUPPORTED = ("BYTES", "BF16")
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
+_WIDEST = max(dt.itemsize for dt in DATATYPES.values())  # what a tensor may be cast to later
+# The JSON scalars each kind of datatype accepts (JSON gives exactly these types, no subclasses).
+_JSON_SCALARS: dict[str, set[type]] = {"b": {bool}, "i": {int}, "u": {int}, "f": {int, float}}
 
 
 def datatype_of(array: NDArray[Any]) -> str:
@@ -120,36 +126,55 @@ def _split(body: bytes, header_length: int | None) -> tuple[memoryview, memoryvi
     return view[:header_length], view[header_length:]
 
 
+def _leaves(data: list[Any], label: str) -> tuple[list[Any], set[type]]:
+    """The scalars of rectangular nested lists in row-major order, and their Python types.
+
+    Walks level by level in C-speed builtins; numpy's own inference is not used because it
+    turns one long string among many into a fixed-width string array far larger than the body.
+    """
+    level: list[list[Any]] = [data]
+    while True:
+        if len(set(map(len, level))) > 1:
+            raise InvalidInput(f"{label}: nested data must be rectangular (row-major)")
+        items = list(chain.from_iterable(level))
+        kinds = set(map(type, items))
+        if list not in kinds:
+            return items, kinds
+        if kinds != {list}:
+            raise InvalidInput(f"{label}: nested data must be rectangular (row-major)")
+        level = items
+
+
 def _from_json(data: Any, datatype: str, shape: list[int], label: str) -> NDArray[Any]:
     """Flat or nested JSON `data` -> a flat array of `datatype`, checking values and count."""
     if not isinstance(data, list):
         raise InvalidInput(f"{label}: data must be a list, got {_short(data)}")
-    try:
-        values = np.asarray(data)
-    except ValueError as exc:
-        raise InvalidInput(f"{label}: nested data must be rectangular (row-major)") from exc
+    values, kinds = _leaves(data, label)
     wire = DATATYPES[datatype]
-    if values.size:
-        if wire.kind == "b" and values.dtype.kind != "b":
+    native = wire.newbyteorder("=")
+    if not kinds <= _JSON_SCALARS[wire.kind]:
+        if wire.kind == "b":
             raise InvalidInput(f"{label}: BOOL data must be true/false values")
-        if wire.kind in "iu":
-            info = np.iinfo(wire)
-            if values.dtype.kind not in "iu":  # int64/uint64 mixes infer as float64: look closer
-                values = np.asarray(data, dtype=object)
-                if not all(type(v) is int for v in values.flat):
-                    values = values.astype(float)  # fails the check below
-            if values.dtype.kind not in "iuO" or values.min() < info.min or values.max() > info.max:
-                raise InvalidInput(
-                    f"{label}: {datatype} data must be integers in [{info.min}, {info.max}]"
-                )
-        if wire.kind == "f" and values.dtype.kind not in "iuf":
+        if wire.kind == "f":
             raise InvalidInput(f"{label}: {datatype} data must hold only numbers")
-    if values.size != math.prod(shape):
+    if wire.kind in "iu":
+        info = np.iinfo(wire)
+        if not kinds <= {int} or (values and (min(values) < info.min or max(values) > info.max)):
+            raise InvalidInput(
+                f"{label}: {datatype} data must be integers in [{info.min}, {info.max}]"
+            )
+    if len(values) != math.prod(shape):
         raise InvalidInput(
-            f"{label}: shape {shape} needs {math.prod(shape)} values, got {values.size}"
+            f"{label}: shape {shape} needs {math.prod(shape)} values, got {len(values)}"
         )
+    if wire.kind != "f":
+        return np.array(values, dtype=native)
+    try:
+        wide = np.array(values, dtype=np.float64)
+    except OverflowError as exc:  # an integer beyond float64's range
+        raise InvalidInput(f"{label}: {datatype} data must be numbers within float range") from exc
     with np.errstate(over="ignore", invalid="ignore"):  # overflow gives inf, refused later
-        return values.reshape(-1).astype(wire.newbyteorder("="))
+        return wide.astype(native)
 
 
 def _from_binary(
@@ -185,7 +210,7 @@ def _parse_input(raw: Any, index: int, tail: memoryview, offset: int) -> tuple[I
     datatype = raw.get("datatype")
     if datatype in _UNSUPPORTED:
         raise InvalidInput(f"{label}: datatype {datatype!r} is not supported; send numbers")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise InvalidInput(
             f"{label}: datatype {_short(datatype)} is not a tensor datatype; "
             f"expected one of {', '.join(DATATYPES)}"
@@ -196,6 +221,14 @@ def _parse_input(raw: Any, index: int, tail: memoryview, offset: int) -> tuple[I
     ):
         raise InvalidInput(f"{label}: shape must be a list of non-negative integers, got "
                            f"{_short(shape)}")  # fmt: skip
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(
+            f"{label}: shape has {len(shape)} dimensions; at most {MAX_DIMS} are supported"
+        )
+    if math.prod(d for d in shape if d) * _WIDEST > sys.maxsize:
+        # numpy cannot shape even an empty array past this (in any datatype the caller may cast
+        # it to), and no body could hold the data
+        raise InvalidInput(f"{label}: shape {_short(shape)} is too large for any tensor")
     parameters = _object(raw.get("parameters"), f"{label}: parameters")
     if "shared_memory_region" in parameters:
         raise InvalidInput(f"{label}: shared memory is not supported; send data or binary data")
@@ -301,7 +334,8 @@ def encode_infer_response(
     blobs: list[bytes] = []
     for out in outputs:
         with np.errstate(over="ignore"):
-            array = np.ascontiguousarray(out.data, dtype=DATATYPES[out.datatype])
+            # np.require keeps a 0-d array 0-d (ascontiguousarray would make it [1])
+            array = np.require(out.data, dtype=DATATYPES[out.datatype], requirements="C")
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype,
                                  "shape": list(array.shape)}  # fmt: skip
         if out.name in binary:
@@ -311,7 +345,8 @@ def encode_infer_response(
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     doc["outputs"] = entries
-    header = json.dumps(doc, separators=(",", ":"), default=_json_default).encode()
+    # allow_nan=False: bare NaN/Infinity is not JSON; a non-finite value raises, never goes out.
+    header = json.dumps(doc, separators=(",", ":"), default=_json_default, allow_nan=False).encode()
     if not any(out.name in binary for out in outputs):
         return header, {"Content-Type": "application/json"}
     headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
