@@ -22,10 +22,16 @@ def gaussian_quantile(level: float) -> float:
 
 
 def validate_levels(levels: tuple[float, ...]) -> tuple[float, ...]:
-    """Reject interval levels outside (0, 1); returns them sorted and de-duplicated."""
+    """Reject interval levels outside (0, 1); returns them sorted and de-duplicated.
+
+    A level so close to 1 that its upper tail 0.5 + level / 2 rounds to 1.0 has no finite
+    Gaussian quantile, so it is refused too (0.9999999999999999 is; 0.999999999999999 is not).
+    """
     for level in levels:
         if not 0.0 < level < 1.0 or math.isnan(level):
             raise ValueError(f"interval level {level} must lie strictly between 0 and 1")
+        if 0.5 + level / 2.0 >= 1.0:
+            raise ValueError(f"interval level {level} is too close to 1 for a finite interval")
     return tuple(sorted(set(levels)))
 
 

@@ -420,6 +420,10 @@ def test_bad_options_and_devices_are_refused_with_the_field_named() -> None:
         engine.run(torch.randn(1, 4))
     with pytest.raises(ValueError, match="interval level"):
         engine.run(torch.randn(1, 5), MCOptions(interval_levels=(1.5,)))
+    with pytest.raises(ValueError, match="too close to 1 for a finite interval"):
+        engine.run(torch.randn(1, 5), MCOptions(interval_levels=(0.9999999999999999,)))
+    near = engine.run(torch.randn(1, 5), MCOptions(samples=8, interval_levels=(0.999999999999999,)))
+    assert bool(torch.isfinite(_reg(near).gaussian_intervals[0.999999999999999].upper).all())
     with pytest.raises(ValueError, match="only supported on a CUDA device"):
         _regression(_mlp(), (5,), dtype="bfloat16", device="cpu")
     if not torch.cuda.is_available():

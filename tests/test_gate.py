@@ -132,11 +132,13 @@ async def test_a_pretty_printed_request_at_max_rows_fits_the_budget(repo: Path) 
     assert len(answers[0].json()["predictions"]) == spec.mc.max_rows
 
 
-async def test_a_content_length_that_is_not_a_number_gets_400(repo: Path) -> None:
+@pytest.mark.parametrize("declared", ["12abc", "\u00b2", "-1", ""])
+async def test_a_content_length_that_is_not_a_number_gets_400(repo: Path, declared: str) -> None:
+    """'²' passes str.isdigit but not int(): it must be a 400, not a 500."""
     async with serve(settings_for(repo)) as (app, _):
         body = CountingBody(12)
-        declared = [(b"content-length", b"12abc")]
-        status, answer = await asgi_call(app, "POST", "/v1/models/digits/predict", body, declared)
+        headers = [(b"content-length", declared.encode("latin-1"))]
+        status, answer = await asgi_call(app, "POST", "/v1/models/digits/predict", body, headers)
     assert status == 400
-    assert "content-length: '12abc' is not a byte count" in answer["error"]
+    assert f"content-length: {declared!r} is not a byte count" in answer["error"]
     assert body.read == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import secrets
 import time
 from collections.abc import Awaitable
@@ -34,6 +35,11 @@ def check_token(authorization: str | None, expected: str | None, what: str) -> N
         token.strip().encode(), expected.encode()
     ):
         raise Unauthorized(f"{what} needs 'Authorization: Bearer <token>'")
+
+
+def byte_count(text: str) -> int | None:
+    """A header's non-negative decimal integer, or None (str.isdigit alone accepts '²')."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def is_loopback(host: str) -> bool:
@@ -93,8 +99,8 @@ def deadline(request: Request, timeout_ms: float | None = None) -> float | None:
             raise InvalidInput(f"header {TIMEOUT_HEADER}: '{header}' is not a number") from exc
     if timeout_ms is None:
         return None
-    if not timeout_ms > 0:
-        raise InvalidInput(f"timeout must be positive milliseconds, got {timeout_ms}")
+    if not 0 < timeout_ms < math.inf:
+        raise InvalidInput(f"timeout must be a finite positive millisecond count, got {timeout_ms}")
     return time.monotonic() + timeout_ms / 1000.0
 
 

@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import check_token
+from service.api.deps import byte_count, check_token
 from service.api.errors import error_response
 from service.config import Settings
 from service.errors import ServiceError
@@ -76,11 +76,13 @@ class RequestGate:
                 limit = budget
                 why = f" of model '{spec.name}' ({spec.mc.max_rows} rows at most)"
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            status = 413 if declared.isdigit() else 400
-            message = str(BodyTooLarge(limit, why).detail) if status == 413 else (
-                f"content-length: {declared!r} is not a byte count")  # fmt: skip
-            await error_response(status, message)(scope, receive, send)
+        size = None if declared is None else byte_count(declared)
+        if declared is not None and size is None:
+            message = f"content-length: {declared!r} is not a byte count"
+            await error_response(400, message)(scope, receive, send)
+            return
+        if size is not None and size > limit:
+            await error_response(413, str(BodyTooLarge(limit, why).detail))(scope, receive, send)
             return
         await self.app(scope, _capped(receive, limit, why), send)
 

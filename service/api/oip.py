@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from service import __version__
 from service.api.deps import (
+    byte_count,
     deadline,
     registry_of,
     require_control_token,
@@ -187,9 +188,10 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     model = registry.get(name, version).model
     request.state.metric = (name, "oip_infer")  # only known models get series
     header = request.headers.get(HEADER_LENGTH)
-    if header is not None and not header.isdigit():
+    header_length = None if header is None else byte_count(header)
+    if header is not None and header_length is None:
         raise InvalidInput(f"{HEADER_LENGTH}: '{header}' is not a byte count")
-    parsed = parse_infer_request(await request.body(), None if header is None else int(header))
+    parsed = parse_infer_request(await request.body(), header_length)
     if len(parsed.inputs) != 1 or parsed.inputs[0].name != "input":
         names = [t.name for t in parsed.inputs]
         raise InvalidInput(f"inputs: this model takes one tensor named 'input', got {names}")
