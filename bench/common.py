@@ -7,6 +7,7 @@ each repeat (drift hits all alike) and reports medians and ratios measured in th
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import statistics
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -162,3 +165,17 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     rule = "| " + " | ".join("-" * w for w in widths) + " |"
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def emit(
+    report: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+    as_json: bool,
+    out: Path | None = None,
+) -> None:
+    """Print a benchmark's report (its table, or JSON) and save the JSON at `out` if given."""
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    print(text if as_json else render(report))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (
+    emit,
     format_table,
     interleaved,
     machine,
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with torch_threads(args.threads):
         report = _run(args)
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    emit(report, render, args.json)
     return report
 
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import httpx
 
-from bench.common import format_table, machine, torch_threads
+from bench.common import emit, format_table, machine, torch_threads
 from bench.load import JSON_HEADERS, percentile
 from bench.servers import free_port, launched, server_env, uvicorn_command, wait_ready
 from bench.workload import HOST, ROOT
@@ -332,11 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with torch_threads(args.threads):
         report = measure(args)
-    text = json.dumps(report, indent=2)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
-    print(text if args.json else render(report))
+    emit(report, render, args.json, args.out)
     return report
 
 

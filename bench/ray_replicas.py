@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import socket
@@ -26,7 +25,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import format_table, machine
+from bench.common import emit, format_table, machine
 from bench.load import Endpoint, Slice, figures, http_slice
 from bench.servers import free_port as free_loopback_port
 from bench.servers import launched, server_env, uvicorn_command, wait_ready
@@ -284,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.concurrency is not None and min(args.concurrency) < 1:
         parser.error(f"--concurrency levels must be >= 1, got {args.concurrency}")
     report = measure(args.quick, args.rounds, args.concurrency, args.requests, args.duration_s)
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    emit(report, render, args.json)
     return report
 
 

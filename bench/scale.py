@@ -24,7 +24,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import format_table, interleaved, machine, noisy, summarize
+from bench.common import emit, format_table, interleaved, machine, noisy, summarize
 from service.config import Settings
 from service.engine import MCRequest
 from service.model import ServedModel
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report["machine"]["load_average_after"] = machine()["load_average"]
     if args.ray:
         report["ray"] = ray_section(args.quick, args.repeats)
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    emit(report, render, args.json)
     return report
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ceiling import ceiling_slice
-from bench.common import machine, torch_threads
+from bench.common import emit, machine, torch_threads
 from bench.load import Endpoint, Slice, figures, http_slice
 from bench.server_report import render, targets
 from bench.servers import (
@@ -195,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             report = measure(args)
         finally:
             gc.unfreeze()  # measure() froze the heap; an importing caller gets its collector back
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    emit(report, render, args.json)
     return report
 
 

@@ -35,7 +35,7 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import format_table, machine
+from bench.common import emit, format_table, machine
 from bench.load import percentile
 from bench.servers import (
     free_port,
@@ -455,11 +455,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the soak, print it (table or JSON), save the JSON where asked; the figures."""
     args = parse_args(argv)
     report = measure(args)
-    text = json.dumps(report, indent=2)
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(text + "\n", encoding="utf-8")
-    print(text if args.json else render(report))
+    emit(report, render, args.json, args.json_out)
     return report
 
 

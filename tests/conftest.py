@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -229,3 +231,16 @@ def write_line_csv(path: Path, rows: int) -> Path:
     y = 2 * x[:, 0] - x[:, 1] + rng.normal(0, 0.1, size=rows)
     np.savetxt(path, np.c_[x, y], delimiter=",", header="a,b,y", comments="")
     return path
+
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str) -> Iterator[ModuleType]:
+    """bench.<name>, importable whether or not the repository root is on sys.path.
+
+    A generator for module-scoped fixtures: `yield from bench_module("server")`.
+    """
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(REPOSITORY_ROOT))
+        yield importlib.import_module(f"bench.{name}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--quick", "--json", "--repeats", "1", "--threads", "1"]  # 1 thread: no stalls when busy
@@ -24,11 +25,7 @@ QUICK = ["--quick", "--json", "--repeats", "1", "--threads", "1"]  # 1 thread: n
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     """bench.engine, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        import bench.engine as module
-
-        yield module
+    yield from bench_module("engine")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ No timing assertions: timing claims belong to bench/ and docs/performance.md, no
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     """bench.fairness, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        yield importlib.import_module("bench.fairness")
+    yield from bench_module("fairness")
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +68,14 @@ def test_both_settings_ran_both_phases_without_errors(
     }
 
 
+@pytest.fixture(scope="module")
+def servers() -> Iterator[ModuleType]:
+    """bench.servers: process groups of the servers the benchmarks start."""
+    yield from bench_module("servers")
+
+
 @pytest.mark.slow
-def test_no_server_process_outlives_the_run(report: dict[str, Any]) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        servers = importlib.import_module("bench.servers")
+def test_no_server_process_outlives_the_run(report: dict[str, Any], servers: ModuleType) -> None:
     started = report["servers"]
     assert set(started) == {"on", "off"}
     for s in started.values():

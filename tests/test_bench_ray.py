@@ -10,18 +10,14 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
-from http_helpers import ROOT
+from conftest import bench_module
 from ray_helpers import RayCluster, ray_unavailable
 
 
 @pytest.fixture(scope="module")
 def rr() -> Iterator[ModuleType]:
     """bench.ray_replicas, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        import bench.ray_replicas as module
-
-        yield module
+    yield from bench_module("ray_replicas")
 
 
 def test_outside_the_namespace_it_skips_with_the_reason(rr: ModuleType) -> None:

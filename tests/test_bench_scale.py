@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import bench_module
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # starts three worker processes
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     """bench.scale, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        import bench.scale as module
-
-        yield module
+    yield from bench_module("scale")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ No timing assertions: timing claims belong to bench/ and docs/performance.md, no
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import math
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_WAYS = ("mcdrop", "ceiling", "litserve")  # the ways that run the model
@@ -26,9 +26,7 @@ QUICK_REQUESTS = 24
 
 def _bench_module(name: str) -> Iterator[ModuleType]:
     """bench.<name>, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        yield importlib.import_module(f"bench.{name}")
+    yield from bench_module(name)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ No timing or memory assertions: those figures belong to the benchmark's report, 
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import json
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--seconds", "3", "--concurrency", "4", "--timeout-s", "20"]
@@ -25,17 +25,13 @@ QUICK = ["--seconds", "3", "--concurrency", "4", "--timeout-s", "20"]
 @pytest.fixture(scope="module")
 def soak() -> Iterator[ModuleType]:
     """bench.soak, importable whether or not the repository root is on sys.path."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        yield importlib.import_module("bench.soak")
+    yield from bench_module("soak")
 
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[ModuleType]:
     """bench.servers: process groups of the servers the benchmarks start."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        yield importlib.import_module("bench.servers")
+    yield from bench_module("servers")
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import bench_module
 
 
 @pytest.fixture(scope="module")
 def table() -> Iterator[ModuleType]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT))
-        import bench.uci_table as module
-
-        yield module
+    yield from bench_module("uci_table")
 
 
 def _result(splits: list[tuple[int, float, float]]) -> dict[str, Any]:

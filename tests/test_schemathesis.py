@@ -103,6 +103,14 @@ class Tally:
         else:
             self.findings[key] = Finding(1, case.as_curl_command(base_url=base_url), detail)
 
+    def assert_clean(self, title: str, server_log: str) -> None:
+        """Print the report; fail unless cases ran, none was found, and none was cut by time."""
+        report = self.report(title, server_log)
+        print(report)
+        assert sum(self.cases.values()) > 0
+        assert not self.findings, report
+        assert self.cut_by_time == 0, report
+
     def report(self, title: str, server_log: str) -> str:
         """The figures: totals, one line per series, each distinct finding in full."""
         total = sum(self.cases.values())
@@ -240,11 +248,7 @@ def test_no_generated_request_gets_a_server_error(server: ServerProcess) -> None
             tally.find(key, case, server.url, f"-> {response.status_code} {response.text[:500]}")
 
     run_all(server, tally, no_5xx)
-    report = tally.report("5xx", server.output())
-    print(report)
-    assert sum(tally.cases.values()) > 0
-    assert not tally.findings, report
-    assert tally.cut_by_time == 0, report
+    tally.assert_clean("5xx", server.output())
 
 
 def test_responses_conform_to_the_schema(server: ServerProcess) -> None:
@@ -262,11 +266,7 @@ def test_responses_conform_to_the_schema(server: ServerProcess) -> None:
                 tally.find(key, case, server.url, detail[:1500])
 
     run_all(server, tally, conforms)
-    report = tally.report("schema conformance", server.output())
-    print(report)
-    assert sum(tally.cases.values()) > 0
-    assert not tally.findings, report
-    assert tally.cut_by_time == 0, report
+    tally.assert_clean("schema conformance", server.output())
 
 
 # -- what the schema cannot describe -----------------------------------------------------------

@@ -180,10 +180,17 @@ async def test_a_client_that_hangs_up_while_queued_costs_no_compute(
     assert 13.0 in slow.computed()
 
 
+def _slow_cli_server(
+    tmp_path: Path, env: dict[str, str] | None = None
+) -> tuple[SlowModel, ServerProcess]:
+    """`mcdrop serve` over a repository holding only the slow model (no batching delay)."""
+    slow = write_slow_model(tmp_path / "repo" / "slow", batching={"max_batch_delay_ms": 0})
+    return slow, start_server(tmp_path / "repo", tmp_path / "server.log", env, launcher="cli")
+
+
 async def test_sigterm_finishes_work_in_flight_then_exits_0(tmp_path: Path) -> None:
     """`mcdrop serve`: stop accepting, finish the running and the queued request, exit 0."""
-    slow = write_slow_model(tmp_path / "repo" / "slow", batching={"max_batch_delay_ms": 0})
-    server = start_server(tmp_path / "repo", tmp_path / "server.log", launcher="cli")
+    slow, server = _slow_cli_server(tmp_path)
     try:
         url = f"{server.url}/v2/models/slow/infer"
         async with httpx.AsyncClient(timeout=60.0) as client:
@@ -212,9 +219,7 @@ async def test_a_request_still_running_when_the_drain_window_closes_gets_a_503(
     tmp_path: Path,
 ) -> None:
     """Not uvicorn's bare text 500: a JSON error saying to retry, with Retry-After."""
-    slow = write_slow_model(tmp_path / "repo" / "slow", batching={"max_batch_delay_ms": 0})
-    server = start_server(tmp_path / "repo", tmp_path / "server.log", launcher="cli",
-                          env={"MCDROP_SHUTDOWN_TIMEOUT_S": "0.5"})  # fmt: skip
+    slow, server = _slow_cli_server(tmp_path, {"MCDROP_SHUTDOWN_TIMEOUT_S": "0.5"})
     try:
         url = f"{server.url}/v2/models/slow/infer"
         async with httpx.AsyncClient(timeout=60.0) as client:
