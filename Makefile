@@ -101,7 +101,7 @@ uci: $(STAMP)  ## the UCI regression table (docs/uci.md), data from ../shared/uc
 	$(BIN)/python bench/uci.py --compare-loop naval-propulsion-plant $(UCI_FLAGS)
 
 models: $(STAMP)  ## regenerate the shipped demo models from scratch
-	$(BIN)/python -m service.demo_models --out models
+	$(BIN)/python -m mcdrop.training.demo_models --out models
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

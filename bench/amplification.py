@@ -65,7 +65,7 @@ def measure(source: Path, body: bytes, bodies: int, timeout_s: float) -> dict[st
     """Start a server from `source`, send the bodies without a token, record statuses and RSS."""
     port = free_port()
     env = {**server_env(None), "MCDROP_INFERENCE_TOKEN": TOKEN, "PYTHONPATH": str(source)}
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+    command = [sys.executable, "-m", "uvicorn", "--factory", "mcdrop.app:create_app",
                "--host", HOST, "--port", str(port), "--log-level", "warning"]  # fmt: skip
     path = "/v1/models/digits/predict"
     with launched("mcdrop", command, env, port, path, "/v2/health/ready", cwd=source) as server:

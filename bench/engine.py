@@ -22,6 +22,10 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.engine.masks import keep_mask, quantized_drop_probability
+from mcdrop.uncertainty import ClassificationSummary
+
 from bench.common import (
     emit,
     format_table,
@@ -32,9 +36,6 @@ from bench.common import (
     summarize,
     torch_threads,
 )
-from service.engine import MCEngine, MCOptions
-from service.masks import keep_mask, quantized_drop_probability
-from service.uncertainty import ClassificationSummary
 
 Way = Callable[[], Tensor]
 SEED = 0
@@ -229,7 +230,7 @@ def ablation(
 ) -> dict[str, Any]:
     """Time the engine's mask and layout steps against the eager alternatives (MLP case).
 
-    The masks are service.masks.keep_mask's, as the engine draws them. Times are per
+    The masks are mcdrop.engine.masks.keep_mask's, as the engine draws them. Times are per
     call; sub-millisecond steps are timed as `inner` calls in a row.
     """
     rows, samples, features, p = (4, 16, 32, 0.1) if quick else (32, 100, 512, 0.1)

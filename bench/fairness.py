@@ -28,13 +28,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
+from mcdrop.config import Settings
+from mcdrop.model import ServedModel
 
 from bench.common import emit, format_table, machine, torch_threads
 from bench.load import JSON_HEADERS, percentile
 from bench.servers import free_port, launched, server_env, uvicorn_command, wait_ready
 from bench.workload import HOST, ROOT
-from service.config import Settings
-from service.model import ServedModel
 
 MODELS = ("digits", "toy-regression")  # the shipped repository the server loads
 MODES = {"on": "true", "off": "false"}  # MCDROP_INTERLEAVE of each server
@@ -194,7 +194,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 "MCDROP_INTERLEAVE": flag,
             }
             port = free_port()
-            command = uvicorn_command("service.app:create_app", port, factory=True)
+            command = uvicorn_command("mcdrop.app:create_app", port, factory=True)
             path = f"/v1/models/{work.model}/predict"
             with launched(f"mcdrop-{mode}", command, env, port, path, "/v2/health/ready") as s:
                 wait_ready([s], args.start_timeout_s)

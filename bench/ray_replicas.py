@@ -95,11 +95,10 @@ def ray_apps(threads: int) -> Iterator[int]:
     one and stops it after; either way only its own applications are removed.
     """
     import ray
+    from mcdrop.config import Settings
+    from mcdrop.ray_options import RayOptions
+    from mcdrop.ray_serve import application, connect, start_proxy
     from ray import serve
-
-    from service.config import Settings
-    from service.ray_options import RayOptions
-    from service.ray_serve import application, connect, start_proxy
 
     own = not ray.is_initialized()
     if own:
@@ -139,7 +138,7 @@ def measure(
     digits = Digits.load()
     threads = 1
     port = free_loopback_port()
-    command = uvicorn_command("service.app:create_app", port, factory=True)
+    command = uvicorn_command("mcdrop.app:create_app", port, factory=True)
     pooled = {c: {way: Slice() for way in WAYS} for c in levels}
     ray_cpu: dict[int, dict[str, dict[str, float]]] = {c: {} for c in levels}
     server_ctx = launched(UVICORN, command, server_env(threads), port, PREDICT, "/v2/health/ready")

@@ -24,18 +24,19 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCRequest
+from mcdrop.model import ServedModel
+from mcdrop.repository.scan import fingerprint
+from mcdrop.shards.executor import ModelRef, ShardExecutor, run_sharded
+from mcdrop.shards.pool import LocalShardPool
+from mcdrop.uncertainty import ClassificationSummary
+
 from bench.common import emit, format_table, interleaved, machine, noisy, summarize
-from service.config import Settings
-from service.engine import MCRequest
-from service.model import ServedModel
-from service.repository import fingerprint
-from service.shard_pool import LocalShardPool
-from service.sharding import ModelRef, ShardExecutor, run_split
-from service.uncertainty import ClassificationSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"
-TEST_DIGITS = ROOT / "service" / "static" / "dashboard" / "digits-test.json"
+TEST_DIGITS = ROOT / "service" / "mcdrop" / "static" / "dashboard" / "digits-test.json"
 SEED = 0
 ONE, TWO, ENGINE = "shards_1_worker", "shards_2_workers", "engine_in_process"
 WAYS = {
@@ -121,7 +122,7 @@ def measure(samples: int, rows: int, repeats: int, warmup: int, budget_s: float)
 
 def split(executor: ShardExecutor, ref: ModelRef, model: ServedModel, request: MCRequest) -> object:
     """One request through the executor, one shard per worker (as the server splits it)."""
-    return run_split(executor, ref, model.engine.head, request)
+    return run_sharded(executor, ref, model.engine.head, request)
 
 
 def ray_section(quick: bool, repeats: int) -> dict[str, Any]:

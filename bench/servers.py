@@ -231,7 +231,7 @@ def server_specs(
     return {
         # settings come from MCDROP_* (the model repository): what `mcdrop serve` does
         MCDROP: (
-            uvicorn_command("service.app:create_app", ports[MCDROP], factory=True),
+            uvicorn_command("mcdrop.app:create_app", ports[MCDROP], factory=True),
             f"/v1/models/{MODEL}/predict",
             "/v2/health/ready",
         ),

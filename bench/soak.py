@@ -352,7 +352,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             shutil.copytree(ROOT / "models" / name, repository / name)
         env = {**server_env(args.threads), "MCDROP_MODEL_REPOSITORY": str(repository)}
         port = free_port()
-        command = uvicorn_command("service.app:create_app", port, factory=True)
+        command = uvicorn_command("mcdrop.app:create_app", port, factory=True)
         with launched("mcdrop", command, env, port, TOY_PREDICT, "/v2/health/ready") as server:
             wait_ready([server], args.start_timeout_s)
             pgid = server.process.pid

@@ -1,6 +1,6 @@
 """Benchmark: the UCI regression table of Gal & Ghahramani through mcdrop (docs/uci.md).
 
-`python bench/uci.py` runs the full protocol (service/uci.py) on the nine datasets of
+`python bench/uci.py` runs the full protocol (bench/uci_protocol.py) on the nine datasets of
 ../shared/uci; `--datasets yacht --splits 2 --samples 1000 --json` is the quick form.
 `--compare-loop` also times the engine (independent and shared masks) against the reference
 implementation's loop of one forward call per MC sample, on one dataset's first split, in
@@ -25,14 +25,15 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import scoring
-from service.engine import MaskMode
-from service.stacked import StackedMLP
-from service.uci import (
+from mcdrop import scoring
+from mcdrop.engine.core import MaskMode
+from mcdrop.training.stacked import StackedMLP
+
+from bench.uci_protocol import (
     DatasetResult,
-    Protocol,
     Stage,
     UCIDataset,
+    UCIProtocol,
     engine_scores,
     load_dataset,
     make_engine,
@@ -135,7 +136,7 @@ def _record(
 
 
 def compare_loop(
-    dataset: UCIDataset, protocol: Protocol, samples: int, rounds: int
+    dataset: UCIDataset, protocol: UCIProtocol, samples: int, rounds: int
 ) -> dict[str, Any]:
     """Engine (independent and shared masks) vs per-sample loop on split 0's test rows, one
     untrained network (Glorot weights; the timing does not depend on them), in interleaved
@@ -186,10 +187,10 @@ def compare_loop(
     }
 
 
-def compare_training(dataset: UCIDataset, protocol: Protocol) -> dict[str, Any]:
+def compare_training(dataset: UCIDataset, protocol: UCIProtocol) -> dict[str, Any]:
     """Split 0's grid (every dropout rate x tau, on its 80% rows): train_regressor once per
     network, against all of them as one StackedMLP; same epochs, timed in this run."""
-    from service.training import TrainConfig, train_regressor
+    from mcdrop.training.recipe import TrainConfig, train_regressor
 
     fit, _ = validation_split(dataset.splits[0][0], protocol.validation_fraction)
     grid = [(p, t) for p in dataset.dropout_grid for t in dataset.tau_grid]
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny Adam moments otherwise slow every step several-fold
-    protocol = Protocol(
+    protocol = UCIProtocol(
         epoch_factor=args.epochs_scale,
         validation_samples=args.validation_samples,
         test_samples=args.samples,

@@ -12,15 +12,15 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from mcdrop.engine.partials import Shard, finish, merge_partials
+from mcdrop.model import ServedModel
+from mcdrop.repository.architectures import Activation, build_mlp
+from mcdrop.repository.loading import save_weights
+from mcdrop.repository.scan import fingerprint
+from mcdrop.shards.executor import ModelRef, ShardExecutor, run_sharded
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
 from torch import nn
-
-from service.architectures import Activation, build_mlp
-from service.loading import save_weights
-from service.model import ServedModel
-from service.repository import fingerprint
-from service.sharding import ModelRef, Shard, ShardExecutor, finish, merge_partials, run_split
-from service.uncertainty import ClassificationSummary, RegressionSummary
 
 
 def toml_value(value: object) -> str:
@@ -189,7 +189,7 @@ def assert_split_answers_like_one_process(
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     opts = model.options(1003, seed=7, mask_mode=mask_mode, return_samples=20)  # type: ignore[arg-type]
     request = model.request(x, opts)
-    split = run_split(executor, shard_ref(folder), model.engine.head, request, min_shard=256)
+    split = run_sharded(executor, shard_ref(folder), model.engine.head, request, min_shard=256)
     whole = model.engine.run_many([request])[0]
     assert type(split) is type(whole)
     if isinstance(whole, RegressionSummary):

@@ -25,13 +25,12 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
+from mcdrop.app import create_app
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCRequest
+from mcdrop.repository.loading import save_weights
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
-
-from service.app import create_app
-from service.config import Settings
-from service.engine import MCRequest
-from service.loading import save_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models"
@@ -375,7 +374,7 @@ def start_server(
 ) -> ServerProcess:
     """Start a server over `repository` on a free 127.0.0.1 port and wait until it is ready.
 
-    launcher "uvicorn": `python -m uvicorn --factory service.app:create_app`; "cli": the
+    launcher "uvicorn": `python -m uvicorn --factory mcdrop.app:create_app`; "cli": the
     product's `mcdrop serve`. Settings come from MCDROP_* variables; the caller must stop() it
     (in a finally).
     """
@@ -386,10 +385,10 @@ def start_server(
     )
     where = ["--host", "127.0.0.1", "--port", str(port)]
     if launcher == "cli":
-        main = "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"
+        main = "import sys; from mcdrop.cli.main import main; sys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", main, "serve", *where]
     else:
-        command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
+        command = [sys.executable, "-m", "uvicorn", "--factory", "mcdrop.app:create_app",
                    *where, "--log-level", "warning"]  # fmt: skip
     with log.open("wb") as sink:
         process = subprocess.Popen(

@@ -1,17 +1,16 @@
-"""service/allocator.py: the glibc thresholds are applied, and every CPU engine applies them."""
+"""engine/allocator.py: the glibc thresholds are applied, and every CPU engine applies them."""
 
 from __future__ import annotations
 
 import ctypes.util
 import platform
 
+import mcdrop.engine.core
 import pytest
 import torch
+from mcdrop.engine.allocator import keep_freed_memory
+from mcdrop.engine.core import MCEngine
 from torch import nn
-
-import service.engine
-from service.allocator import keep_freed_memory
-from service.engine import MCEngine
 
 
 @pytest.mark.skipif(
@@ -24,7 +23,7 @@ def test_thresholds_are_applied_on_glibc() -> None:
 
 def test_a_cpu_engine_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[None] = []
-    monkeypatch.setattr(service.engine, "keep_freed_memory", lambda: calls.append(None))
+    monkeypatch.setattr(mcdrop.engine.core, "keep_freed_memory", lambda: calls.append(None))
     torch.manual_seed(0)
     MCEngine(nn.Sequential(nn.Dropout(0.1), nn.Linear(2, 1)), task="regression",
              input_shape=(2,))  # fmt: skip

@@ -23,13 +23,12 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
-
-from service.accumulators import MAX_VARIANCE
-from service.errors import NonFiniteOutput
-from service.evaluation import evaluate
-from service.model import ServedModel
-from service.render import summary_rows
-from service.uncertainty import RegressionSummary, first_non_finite
+from mcdrop.engine.accumulators import MAX_VARIANCE
+from mcdrop.errors import NonFiniteOutput
+from mcdrop.evaluation import evaluate
+from mcdrop.model import ServedModel
+from mcdrop.render import summary_rows
+from mcdrop.uncertainty import RegressionSummary, first_non_finite
 
 pytestmark = pytest.mark.anyio
 PREDICT = "/v1/models/mlp/predict"

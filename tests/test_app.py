@@ -27,9 +27,8 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
-
-from service import __version__
-from service.app import create_app
+from mcdrop import __version__
+from mcdrop.app import create_app
 
 pytestmark = pytest.mark.anyio
 TOKEN = "s3cret-token"

@@ -6,12 +6,11 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from mcdrop.errors import ModelLoadError
+from mcdrop.repository.architectures import build_architecture, build_cnn, build_mlp
+from mcdrop.repository.manifest import ModelSpec
 from pydantic import ValidationError
 from torch import nn
-
-from service.architectures import build_architecture, build_cnn, build_mlp
-from service.errors import ModelLoadError
-from service.manifest import ModelSpec
 
 M = TypeVar("M", bound=nn.Module)
 

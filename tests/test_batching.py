@@ -23,13 +23,12 @@ from http_helpers import (
     settings_for,
     wait_for,
 )
-
-from service.batching import BatchWorker, WorkerClosed
-from service.engine import MCRequest
-from service.errors import DeadlineExceeded, Overloaded, ServiceError
-from service.metrics import Metrics
-from service.model import ServedModel
-from service.uncertainty import Summary
+from mcdrop.engine.core import MCRequest
+from mcdrop.errors import DeadlineExceeded, Overloaded, ServiceError
+from mcdrop.model import ServedModel
+from mcdrop.serving.batching import BatchWorker, WorkerClosed
+from mcdrop.serving.metrics import Metrics
+from mcdrop.uncertainty import Summary
 
 pytestmark = pytest.mark.anyio
 

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_line_csv
-
-from service import demo_models as dm
-from service.cli import main
-from service.config import Settings
-from service.engine import MCOptions
-from service.evaluation import evaluate
-from service.model import ServedModel
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from mcdrop.cli.main import main
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCOptions
+from mcdrop.evaluation import evaluate
+from mcdrop.model import ServedModel
+from mcdrop.training import demo_models as dm
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 Capsys = pytest.CaptureFixture[str]
@@ -444,7 +443,7 @@ def test_serve_ray_flag_errors(capsys: Capsys, argv: list[str], message: str) ->
 def test_serve_ray_without_the_extra_says_how_to_install(
     capsys: Capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "service.ray_serve", None)  # import fails as if absent
+    monkeypatch.setitem(sys.modules, "mcdrop.ray_serve", None)  # import fails as if absent
     assert "Ray Serve is not installed: pip install '.[ray]'" in _error(capsys, ["serve", "--ray"])
 
 
@@ -452,9 +451,9 @@ def test_serve_ray_hands_settings_and_options_to_ray_serve(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     calls: list[tuple[Settings, Any]] = []
-    fake = types.ModuleType("service.ray_serve")
+    fake = types.ModuleType("mcdrop.ray_serve")
     fake.run = lambda settings, options: calls.append((settings, options))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "service.ray_serve", fake)
+    monkeypatch.setitem(sys.modules, "mcdrop.ray_serve", fake)
     monkeypatch.chdir(tmp_path)
     argv = ["serve", "--ray", "--autoscale", "1:3", "--ray-address", "127.0.0.1:1",
             "--ray-num-cpus", "0.5", "--ray-num-gpus", "0.25", "--model-repository", "repo",

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-
-from service.config import Settings
+from mcdrop.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from service.concrete import concrete_keep, entropy_penalty
-from service.stacked import StackedData, StackedMLP, train_stacked
+from mcdrop.training.concrete import concrete_keep, entropy_penalty
+from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 
 
 def test_relaxed_mask_is_nearly_bernoulli_at_low_temperature() -> None:

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_line_csv
-
-from service.cli import main
-from service.concrete_training import train_concrete_regressor
-from service.config import Settings
-from service.engine import MCOptions
-from service.model import ServedModel
-from service.training import TrainConfig
-from service.uncertainty import RegressionSummary
+from mcdrop.cli.main import main
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCOptions
+from mcdrop.model import ServedModel
+from mcdrop.training.concrete_training import train_concrete_regressor
+from mcdrop.training.recipe import TrainConfig
+from mcdrop.uncertainty import RegressionSummary
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import httpx
 import numpy as np
 import pytest
 from http_helpers import serve, settings_for
-
-from service.api.dashboard import STATIC
-from service.demo_models import write_test_digits
+from mcdrop.api.dashboard import STATIC
+from mcdrop.training.demo_models import write_test_digits
 
 pytestmark = pytest.mark.anyio
 TYPES = {".js": "javascript", ".css": "text/css", ".json": "application/json", ".html": "text/html"}
@@ -111,7 +110,7 @@ async def test_vendored_uplot_has_its_licence_and_version(client: httpx.AsyncCli
 
 
 def test_the_assets_are_package_data() -> None:
-    folder = importlib.resources.files("service").joinpath("static/dashboard")
+    folder = importlib.resources.files("mcdrop").joinpath("static/dashboard")
     names = {p.name for p in folder.iterdir()}
     assert {"index.html", "style.css", "digits-test.json", "js", "vendor"} <= names
     assert folder.joinpath("vendor/uPlot.min.css").is_file()

@@ -8,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from service import demo_models as dm
-from service.config import Settings
-from service.errors import ModelNotFound
-from service.manifest import load_manifest
-from service.model import ServedModel
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from mcdrop.config import Settings
+from mcdrop.errors import ModelNotFound
+from mcdrop.model import ServedModel
+from mcdrop.repository.manifest import load_manifest
+from mcdrop.training import demo_models as dm
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 CPU = Settings(device="cpu")

@@ -17,10 +17,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from mcdrop.app import create_app
+from mcdrop.config import Settings
 from prometheus_client.parser import text_string_to_metric_families
-
-from service.app import create_app
-from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -35,21 +35,20 @@ from kubernetes_helpers import (
     port_number,
     serve_config,
 )
+from mcdrop.api.admin import metrics
+from mcdrop.api.oip import live, ready
+from mcdrop.app import create_app
+from mcdrop.config import DEFAULT_SHUTDOWN_TIMEOUT_S as GRACEFUL_SHUTDOWN_S
+from mcdrop.config import Settings
 from packaging.specifiers import SpecifierSet
 from pydantic import ValidationError
 from starlette.routing import Match
 
-from service.api.admin import metrics
-from service.api.oip import live, ready
-from service.app import create_app
-from service.config import DEFAULT_SHUTDOWN_TIMEOUT_S as GRACEFUL_SHUTDOWN_S
-from service.config import Settings
-
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 DOCKERFILE = ROOT / "Dockerfile"
-RAY_MODULE = ROOT / "service" / "ray_serve.py"
-RAY_IMPORT_PATH = "service.ray_serve:build_app"
+RAY_MODULE = ROOT / "service" / "mcdrop" / "ray_serve.py"
+RAY_IMPORT_PATH = "mcdrop.ray_serve:build_app"
 UID = 10001  # the image's non-root user (the container convention; checked against Dockerfile)
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 EXPECTED_KINDS = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
@@ -238,7 +237,7 @@ def settings_problems(sites: list[PodSite]) -> list[str]:
                     continue
                 key = name.removeprefix("MCDROP_").lower()
                 if key not in Settings.model_fields:
-                    problems.append(f"{where}: {name} is not a setting of service/config.py")
+                    problems.append(f"{where}: {name} is not a setting of service/mcdrop/config.py")
                 values[key] = value
             try:
                 settings = Settings(
@@ -316,7 +315,7 @@ def drain_problems(sites: list[PodSite]) -> list[str]:
             if grace < pause + GRACEFUL_SHUTDOWN_S:
                 problems.append(
                     f"{site.where}: terminationGracePeriodSeconds {grace} < preStop {pause} s + "
-                    f"drain {GRACEFUL_SHUTDOWN_S} s (service/config.py)"
+                    f"drain {GRACEFUL_SHUTDOWN_S} s (service/mcdrop/config.py)"
                 )
     return problems
 
@@ -588,7 +587,7 @@ BROKEN: list[tuple[str, str, Callable[[Doc], object], str]] = [
     ("serve config not yaml", RAY, edit_serve_config("applications:", "applications: ["),
      "not YAML"),
     ("serve app elsewhere", RAY,
-     edit_serve_config(RAY_IMPORT_PATH, "service.app:create_app"), "import_path"),
+     edit_serve_config(RAY_IMPORT_PATH, "mcdrop.app:create_app"), "import_path"),
     ("serve app under a prefix", RAY, edit_serve_config("route_prefix: /", "route_prefix: /mc"),
      "route_prefix"),
     ("serve port not the head's", RAY, edit_serve_config("port: 8000", "port: 9000"),
@@ -653,13 +652,13 @@ def test_manifests_agree_with_the_dockerfile() -> None:
 
 def test_ray_service_serves_the_ray_builder() -> None:
     module, _, attribute = RAY_IMPORT_PATH.partition(":")
-    assert ROOT / Path(*module.split(".")).with_suffix(".py") == RAY_MODULE
+    assert ROOT / "service" / Path(*module.split(".")).with_suffix(".py") == RAY_MODULE
     # Read, not imported: importing it needs Ray, which the test extra does not install.
     tree = ast.parse(RAY_MODULE.read_text(encoding="utf-8"))
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert attribute in functions, f"{RAY_MODULE} defines no top-level {attribute}()"
     # The builder's own argument check (pure, no Ray): every RayService's args must pass it.
-    split_app_args = importlib.import_module("service.ray_options").split_app_args
+    split_app_args = importlib.import_module("mcdrop.ray_options").split_app_args
     for ray_service in of_kind(manifests(), "RayService"):
         for app in serve_config(ray_service.doc)["applications"]:
             split_app_args(app.get("args", {}))

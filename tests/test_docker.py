@@ -42,10 +42,9 @@ from docker_helpers import (
     wheels,
 )
 from http_helpers import SHIPPED, SlowModel, free_port, oip_body, write_slow_model
-
-from service.api.outputs import summary_outputs
-from service.config import Settings
-from service.model import ServedModel
+from mcdrop.api.outputs import summary_outputs
+from mcdrop.config import Settings
+from mcdrop.model import ServedModel
 
 DOCKERFILE = ROOT / "Dockerfile"
 READY_S = 180.0  # container start: torch import and model loading on a busy 2-core machine

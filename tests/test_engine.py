@@ -11,20 +11,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_stochastic import Attention, DataDependent, FunctionalDropout
-from torch import Tensor, nn
-
-from service.accumulators import LOG_VARIANCE_BOUND, MAX_VARIANCE, Accumulators, OutputHead
-from service.engine import MCEngine, MCOptions, MCRequest
-from service.masks import quantized_drop_probability
-from service.sampling import multihead_attention
-from service.uncertainty import (
+from mcdrop.engine.accumulators import LOG_VARIANCE_BOUND, MAX_VARIANCE, Accumulators, OutputHead
+from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
+from mcdrop.engine.masks import quantized_drop_probability
+from mcdrop.engine.sampling import multihead_attention
+from mcdrop.uncertainty import (
     ClassificationSummary,
     Interval,
     NonFinite,
     RegressionSummary,
     first_non_finite,
 )
+from test_stochastic import Attention, DataDependent, FunctionalDropout
+from torch import Tensor, nn
 
 
 def _linear(weights: list[float], bias: float, p: float) -> nn.Sequential:
@@ -119,7 +118,7 @@ def test_chunks_draw_each_mask_stream_as_few_times_as_the_budget_allows(
 ) -> None:
     """Independent masks: one keyed stream per row (all its samples fit a chunk); shared
     masks: one per chunk of samples, covering every row at once."""
-    import service.masks as masks
+    import mcdrop.engine.masks as masks
 
     calls: list[int] = []
     real = masks._row_bits

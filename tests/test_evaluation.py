@@ -10,21 +10,20 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
-
-from service import scoring
-from service.engine import MCEngine, MCOptions
-from service.errors import InvalidInput
-from service.evaluation import (
+from mcdrop import scoring
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.errors import InvalidInput
+from mcdrop.evaluation import (
     ClassificationMetrics,
     RegressionMetrics,
     batch_seed,
     evaluate,
     shape_rows,
 )
-from service.manifest import ModelSpec
-from service.model import ServedModel
-from service.uncertainty import RegressionSummary
+from mcdrop.model import ServedModel
+from mcdrop.repository.manifest import ModelSpec
+from mcdrop.uncertainty import RegressionSummary
+from torch import Tensor, nn
 
 Z95 = 1.959963984540054
 

@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mcdrop.errors import ModelLoadError
+from mcdrop.repository.architectures import build_cnn, build_mlp
+from mcdrop.repository.loading import load_module
+from mcdrop.repository.manifest import load_manifest
+from mcdrop.training.export import dumps_toml, write_model_folder
+from mcdrop.training.recipe import ClassifierConfig, TrainConfig, train_classifier, train_regressor
 from safetensors.torch import load_file
 from torch import nn
-
-from service.architectures import build_cnn, build_mlp
-from service.errors import ModelLoadError
-from service.export import dumps_toml, write_model_folder
-from service.loading import load_module
-from service.manifest import load_manifest
-from service.training import ClassifierConfig, TrainConfig, train_classifier, train_regressor
 
 
 def _line_data(rows: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

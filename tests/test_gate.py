@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from http_helpers import asgi_call, copy_shipped, oip_body, serve, settings_for
-
-from service.api.gate import ENVELOPE_BYTES, JSON_BYTES_PER_VALUE, body_budget
-from service.config import Settings
+from mcdrop.api.gate import ENVELOPE_BYTES, JSON_BYTES_PER_VALUE, body_budget
+from mcdrop.config import Settings
 
 pytestmark = pytest.mark.anyio
 TOKEN = "gate-token"
@@ -104,7 +103,7 @@ async def test_a_body_beyond_the_models_budget_gets_413_before_parsing(
 
 
 def test_the_budget_follows_max_rows_and_the_row_size(repo: Path) -> None:
-    from service.manifest import load_manifest
+    from mcdrop.repository.manifest import load_manifest
 
     digits = load_manifest(repo / "digits" / "model.toml")
     toy = load_manifest(repo / "toy-regression" / "model.toml")

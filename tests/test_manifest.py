@@ -9,9 +9,8 @@ from typing import Any
 import pydantic
 import pytest
 from conftest import toml_table, toml_value
-
-from service.errors import ModelLoadError
-from service.manifest import ModelSpec, load_manifest
+from mcdrop.errors import ModelLoadError
+from mcdrop.repository.manifest import ModelSpec, load_manifest
 
 
 def _raw(**sections: Any) -> dict[str, Any]:

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from service.masks import drop_threshold, keep_mask, quantized_drop_probability
+from mcdrop.engine.masks import drop_threshold, keep_mask, quantized_drop_probability
 
 CPU = torch.device("cpu")
 

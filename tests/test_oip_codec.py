@@ -9,10 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from numpy.typing import NDArray
-from tritonclient.http._utils import _get_inference_request
-
-from service.api.oip_codec import (
+from mcdrop.api.oip_codec import (
     DATATYPES,
     HEADER_LENGTH,
     OutputTensor,
@@ -20,7 +17,9 @@ from service.api.oip_codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from service.errors import InvalidInput
+from mcdrop.errors import InvalidInput
+from numpy.typing import NDArray
+from tritonclient.http._utils import _get_inference_request
 
 RNG = np.random.default_rng(0)
 

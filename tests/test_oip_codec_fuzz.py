@@ -24,10 +24,7 @@ import tritonclient.http as triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from numpy.typing import NDArray
-from tritonclient.http._utils import _get_inference_request
-
-from service.api.oip_codec import (
+from mcdrop.api.oip_codec import (
     DATATYPES,
     HEADER_LENGTH,
     MAX_DIMS,
@@ -36,7 +33,9 @@ from service.api.oip_codec import (
     encode_infer_response,
     parse_infer_request,
 )
-from service.errors import InvalidInput
+from mcdrop.errors import InvalidInput
+from numpy.typing import NDArray
+from tritonclient.http._utils import _get_inference_request
 
 # Bounded and derandomized: the same examples on every run (CI is stable, failures reproduce),
 # no example database written, and a per-example deadline far above the ~1 ms a parse takes, so

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
-from torch import nn
-
-from service.api.oip_codec import HEADER_LENGTH, RequestedOutput, encode_infer_response
-from service.api.outputs import (
+from mcdrop.api.oip_codec import HEADER_LENGTH, RequestedOutput, encode_infer_response
+from mcdrop.api.outputs import (
     MAX_LEVELS,
     input_metadata,
     interval_name,
@@ -20,10 +18,11 @@ from service.api.outputs import (
     select_outputs,
     summary_outputs,
 )
-from service.engine import MCEngine, MCOptions
-from service.errors import InvalidInput
-from service.manifest import ModelSpec
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.errors import InvalidInput
+from mcdrop.repository.manifest import ModelSpec
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
+from torch import nn
 
 ROWS, FEATURES, TARGETS, CLASSES = 3, 4, 2, 5
 Task = Literal["regression", "classification"]

@@ -1,13 +1,12 @@
-"""service.ray_options without a cluster: what Ray Serve is asked for, and bad input named."""
+"""mcdrop.ray_options without a cluster: what Ray Serve is asked for, and bad input named."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from mcdrop.ray_options import Autoscaling, RayOptions, split_app_args
 from pydantic import ValidationError
-
-from service.ray_options import Autoscaling, RayOptions, split_app_args
 
 
 def test_fixed_replicas_with_fractional_resources() -> None:
@@ -99,7 +98,7 @@ def test_bad_settings_in_app_args_name_the_field() -> None:
 
 def test_build_app_refuses_an_address_argument() -> None:
     pytest.importorskip("ray.serve", reason="Ray is not installed: pip install '.[ray]'")
-    from service.ray_serve import build_app
+    from mcdrop.ray_serve import build_app
 
     with pytest.raises(ValueError, match="address: not an application argument"):
         build_app({"address": "auto"})

@@ -1,4 +1,4 @@
-"""service.ray_serve on the session's Ray cluster: every endpoint through Ray's proxy, unchanged.
+"""mcdrop.ray_serve on the session's Ray cluster: every endpoint through Ray's proxy, unchanged.
 
 Runs only inside a loopback-only network namespace (`make ray-test`); skips elsewhere.
 """
@@ -19,9 +19,8 @@ import pytest
 import torch
 import tritonclient.http as triton
 from http_helpers import ROOT, copy_shipped, error_of, serve
+from mcdrop.repository.loading import save_weights
 from ray_helpers import RayCluster, pids_in, wait_until
-
-from service.loading import save_weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -82,7 +81,7 @@ def test_cli_joins_the_cluster_serves_and_removes_only_its_app_on_sigterm(
     argv = ["serve", "--ray", "--ray-address", ray_cluster.address, "--replicas", "1",
             "--ray-num-cpus", "0.25", "--model-repository", str(repository), "--device", "cpu",
             "--port", "1"]  # fmt: skip
-    main = "import sys; from service.cli import main; sys.exit(main(sys.argv[1:]))"
+    main = "import sys; from mcdrop.cli.main import main; sys.exit(main(sys.argv[1:]))"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             [sys.executable, "-c", main, *argv], cwd=ROOT, env=env, stdout=sink, stderr=sink
@@ -108,9 +107,8 @@ def test_cli_joins_the_cluster_serves_and_removes_only_its_app_on_sigterm(
 @pytest.fixture(scope="module")
 def deployed(ray_cluster: RayCluster, repository: Path) -> Iterator[str]:
     """The app as KubeRay deploys it (build_app with args): 2 replicas of 0.5 CPU. Its URL."""
+    from mcdrop.ray_serve import build_app
     from ray import serve
-
-    from service.ray_serve import build_app
 
     (repository.parent / "probe.pids").unlink(missing_ok=True)  # the CLI test's replica too
     args = {"model_repository": str(repository), "device": "cpu", "replicas": REPLICAS,
@@ -152,7 +150,7 @@ def test_health_and_metadata_through_the_proxy(deployed: str) -> None:
 
 @pytest.mark.anyio
 async def test_native_predict_equals_the_in_process_app(deployed: str, repository: Path) -> None:
-    from service.config import Settings
+    from mcdrop.config import Settings
 
     via_ray = httpx.post(f"{deployed}/v1/models/digits/predict", json=PREDICT, timeout=60)
     assert via_ray.status_code == 200, via_ray.text

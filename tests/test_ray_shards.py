@@ -21,12 +21,12 @@ from conftest import (
     write_shard_test_models,
 )
 from http_helpers import decode_outputs, oip_body, serve, settings_for
+from mcdrop.config import Settings
+from mcdrop.engine.partials import Shard
+from mcdrop.model import ServedModel
+from mcdrop.shards.executor import ModelRef, run_sharded
+from mcdrop.uncertainty import RegressionSummary
 from ray_helpers import RayCluster, wait_until
-
-from service.config import Settings
-from service.model import ServedModel
-from service.sharding import ModelRef, Shard, run_split
-from service.uncertainty import RegressionSummary
 
 ACTORS = 2
 ACTOR_CPUS = 0.5
@@ -40,14 +40,14 @@ def test_shards_go_round_robin_over_the_actors(
     shards: int, actors: int, expected: list[int]
 ) -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
-    from service.ray_shards import assign
+    from mcdrop.shards.ray_actors import assign
 
     assert assign(shards, actors) == expected
 
 
 def test_no_actors_is_refused() -> None:
     pytest.importorskip("ray", reason="Ray is not installed: pip install '.[ray]'")
-    from service.ray_shards import assign
+    from mcdrop.shards.ray_actors import assign
 
     with pytest.raises(ValueError, match="shard actors must be >= 1, got 0"):
         assign(3, 0)
@@ -62,7 +62,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def executor(ray_cluster: RayCluster) -> Iterator[object]:
-    from service.ray_shards import RayShardExecutor
+    from mcdrop.shards.ray_actors import RayShardExecutor
 
     shards = RayShardExecutor(ACTORS, Settings(device="cpu"), num_cpus=ACTOR_CPUS)
     try:
@@ -85,7 +85,7 @@ def free_cpus() -> float:
 def test_ray_actors_answer_what_one_process_answers(
     repo: Path, executor: object, name: str, mask_mode: str
 ) -> None:
-    from service.ray_shards import RayShardExecutor
+    from mcdrop.shards.ray_actors import RayShardExecutor
 
     assert isinstance(executor, RayShardExecutor)
     assert_split_answers_like_one_process(executor, repo / name, mask_mode)
@@ -96,7 +96,7 @@ def test_ray_actors_answer_what_one_process_answers(
 def test_more_shards_than_actors_still_merge_exactly_and_actors_are_other_processes(
     repo: Path, executor: object
 ) -> None:
-    from service.ray_shards import RayShardExecutor
+    from mcdrop.shards.ray_actors import RayShardExecutor
 
     assert isinstance(executor, RayShardExecutor)
     executor.preload(shard_ref(repo / "cls"))
@@ -108,8 +108,8 @@ def test_more_shards_than_actors_still_merge_exactly_and_actors_are_other_proces
 @pytest.mark.ray
 @pytest.mark.slow
 def test_errors_in_an_actor_come_back_with_their_reason(repo: Path, executor: object) -> None:
-    from service.ray_shards import RayShardExecutor
-    from service.shard_pool import ShardFailed
+    from mcdrop.shards.ray_actors import RayShardExecutor
+    from mcdrop.shards.worker import ShardFailed
 
     assert isinstance(executor, RayShardExecutor)
     model = ServedModel.load(repo / "reg")
@@ -125,8 +125,7 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
     repo: Path, ray_cluster: RayCluster
 ) -> None:
     import ray
-
-    from service.ray_shards import RayShardExecutor
+    from mcdrop.shards.ray_actors import RayShardExecutor
 
     free_before = free_cpus()
     shards = RayShardExecutor(1, Settings(device="cpu"), num_cpus=ACTOR_CPUS)
@@ -136,7 +135,9 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
         ray.kill(shards._actors[0], no_restart=False)
         model = ServedModel.load(repo / "reg")
         request = model.request(torch.ones(2, 3), model.options(640, seed=3))
-        split = run_split(shards, shard_ref(repo / "reg"), model.engine.head, request, min_shard=64)
+        split = run_sharded(
+            shards, shard_ref(repo / "reg"), model.engine.head, request, min_shard=64
+        )
         whole = model.engine.run_many([request])[0]
         assert isinstance(split, RegressionSummary)
         assert isinstance(whole, RegressionSummary)
@@ -154,9 +155,8 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
 async def test_a_serve_replica_splits_large_requests_over_ray_actors(
     repo: Path, ray_cluster: RayCluster
 ) -> None:
+    from mcdrop.ray_serve import build_app
     from ray import serve as ray_serve
-
-    from service.ray_serve import build_app
 
     args = {"model_repository": str(repo), "device": "cpu", "replicas": 1, "num_cpus": 0.5,
             "shard_actors": ACTORS, "shard_num_cpus": ACTOR_CPUS,

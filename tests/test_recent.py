@@ -12,11 +12,10 @@ import pytest
 import torch
 from conftest import classification_summary, regression_summary, write_mlp_model
 from http_helpers import EngineSpy, settings_for
-
-from service.batching import BatchWorker
-from service.engine import MCRequest
-from service.model import ServedModel
-from service.recent import RECENT_CAPACITY, RecentUncertainty
+from mcdrop.engine.core import MCRequest
+from mcdrop.model import ServedModel
+from mcdrop.serving.batching import BatchWorker
+from mcdrop.serving.recent import RECENT_CAPACITY, RecentUncertainty
 
 ONE = regression_summary([[1.0]])
 

@@ -26,14 +26,13 @@ from http_helpers import (
     spy_engine,
     wait_for,
 )
+from mcdrop.api.outputs import summary_outputs
+from mcdrop.errors import ModelLoadError, ModelNotFound, NonFiniteOutput
+from mcdrop.model import ServedModel
+from mcdrop.serving.metrics import Metrics
+from mcdrop.serving.registry import ModelRegistry
+from mcdrop.uncertainty import RegressionSummary
 from numpy.typing import NDArray
-
-from service.api.outputs import summary_outputs
-from service.errors import ModelLoadError, ModelNotFound, NonFiniteOutput
-from service.metrics import Metrics
-from service.model import ServedModel
-from service.registry import ModelRegistry
-from service.uncertainty import RegressionSummary
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/mlp/infer"

@@ -8,17 +8,16 @@ import json
 import pytest
 import torch
 from conftest import write_mlp_model
-
-from service.config import Settings
-from service.model import ServedModel
-from service.render import (
+from mcdrop.config import Settings
+from mcdrop.model import ServedModel
+from mcdrop.render import (
     format_summary,
     render_table,
     summary_document,
     summary_meta,
     summary_rows,
 )
-from service.uncertainty import ClassificationSummary, RegressionSummary
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 
 ROWS = torch.tensor([[0.5, -1.0], [2.0, 0.25], [-3.0, 1.5]])
 

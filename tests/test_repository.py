@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_mlp_model
-
-from service.errors import ModelLoadError
-from service.repository import scan_repository
+from mcdrop.errors import ModelLoadError
+from mcdrop.repository.scan import scan_repository
 
 
 def _broken_repository(root: Path) -> None:

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-
-from service.engine import MCEngine, MCOptions
-from service.scoring import (
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.scoring import (
     accuracy,
     brier,
     calibration_bins,
@@ -19,7 +18,7 @@ from service.scoring import (
     nll,
     rmse,
 )
-from service.uncertainty import RegressionSummary
+from mcdrop.uncertainty import RegressionSummary
 
 LOG_2PI = math.log(2 * math.pi)
 

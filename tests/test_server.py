@@ -26,9 +26,8 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
-
-from service.config import Settings
-from service.server import control_state
+from mcdrop.config import Settings
+from mcdrop.server import control_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -255,8 +254,8 @@ def test_worker_processes_rebuild_exactly_the_served_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--workers N hands the settings to its processes through MCDROP_* variables."""
-    from service.config import Settings
-    from service.server import settings_environment, urls
+    from mcdrop.config import Settings
+    from mcdrop.server import settings_environment, urls
 
     chosen = Settings(
         model_repository=tmp_path,

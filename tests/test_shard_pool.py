@@ -22,13 +22,14 @@ from conftest import (
     write_shard_test_models,
 )
 from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
+from mcdrop.engine.partials import Shard
+from mcdrop.model import ServedModel
+from mcdrop.repository.loading import save_weights
+from mcdrop.shards.executor import ModelRef, run_sharded
+from mcdrop.shards.pool import LocalShardPool
+from mcdrop.shards.worker import ShardFailed, ShardWorkerDied
+from mcdrop.uncertainty import RegressionSummary
 from torch import nn
-
-from service.loading import save_weights
-from service.model import ServedModel
-from service.shard_pool import LocalShardPool, ShardFailed, ShardWorkerDied
-from service.sharding import ModelRef, Shard, run_split
-from service.uncertainty import RegressionSummary
 
 pytestmark = pytest.mark.slow  # spawns processes that import torch
 
@@ -95,7 +96,7 @@ def test_a_killed_worker_is_replaced_before_the_next_request(
     while pool.alive()[1]:  # until the kernel has delivered it and the process is gone
         assert time.monotonic() < give_up, "a worker still alive 30 s after SIGKILL"
         time.sleep(0.01)
-    split = run_split(pool, shard_ref(repo / "reg"), model.engine.head, request, min_shard=256)
+    split = run_sharded(pool, shard_ref(repo / "reg"), model.engine.head, request, min_shard=256)
     assert pool.pids[0] == before[0]
     assert pool.pids[1] != before[1]
     assert isinstance(split, RegressionSummary)
@@ -109,10 +110,10 @@ def test_a_worker_dying_mid_request_is_a_clear_error_not_a_hang(
     request = dies.request(torch.ones(1, 2), dies.options(512, seed=0))
     died = r"died \(exit code 3\) during samples \d+\.\.\d+ of model 'dies'"
     with pytest.raises(ShardWorkerDied, match=died):
-        run_split(pool, shard_ref(repo / "dies"), dies.engine.head, request, min_shard=256)
+        run_sharded(pool, shard_ref(repo / "dies"), dies.engine.head, request, min_shard=256)
     reg = ServedModel.load(repo / "reg")  # the pool recovers for the next request
     request = reg.request(torch.ones(1, 3), reg.options(512, seed=0))
-    assert run_split(pool, shard_ref(repo / "reg"), reg.engine.head, request).samples_used == 512
+    assert run_sharded(pool, shard_ref(repo / "reg"), reg.engine.head, request).samples_used == 512
 
 
 def test_errors_inside_a_worker_come_back_with_their_reason(
@@ -122,7 +123,7 @@ def test_errors_inside_a_worker_come_back_with_their_reason(
     request = model.request(torch.ones(1, 3), model.options(512, seed=0))
     stale = ModelRef("reg", repo / "reg", "not-the-fingerprint")
     with pytest.raises(ShardFailed, match="changed on disk since the server loaded it"):
-        run_split(pool, stale, model.engine.head, request, min_shard=256)
+        run_sharded(pool, stale, model.engine.head, request, min_shard=256)
     with pytest.raises(ShardFailed, match=r"ValueError: shard samples 0\.\.1023 run past"):
         pool.run_shards(shard_ref(repo / "reg"), request, [Shard(0, 1024)])
 
@@ -137,7 +138,7 @@ def test_closing_stops_every_worker_and_refuses_more_work(repo: Path) -> None:
     model = ServedModel.load(repo / "reg")
     request = model.request(torch.ones(1, 3), model.options(512, seed=0))
     with pytest.raises(ShardFailed, match="closed"):
-        run_split(shard_pool, shard_ref(repo / "reg"), model.engine.head, request)
+        run_sharded(shard_pool, shard_ref(repo / "reg"), model.engine.head, request)
 
 
 # -- the served path -----------------------------------------------------------------------
@@ -152,8 +153,8 @@ async def test_a_request_above_the_threshold_is_split_and_answers_the_unsplit_nu
         registry = app.state.registry
         assert registry.shard_executor is not None
         assert registry.shard_executor.workers == 2
-        assert registry.get("cls").worker.splitter is not None
-        assert registry.get("dies").worker.splitter is None  # workers cannot load it: unsplit
+        assert registry.get("cls").worker.shard_router is not None
+        assert registry.get("dies").worker.shard_router is None  # workers cannot load it: unsplit
         spy = spy_engine(app, "cls", monkeypatch)
         split = await client.post("/v2/models/cls/infer", json=oip_body(np.ones((4, 3)), params))
         small_params = {"mc_samples": 512, "seed": 5}

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from service.engine import MCOptions, MCRequest
-from service.shard_wire import (
+from mcdrop.engine.core import MCOptions, MCRequest
+from mcdrop.engine.partials import PartialStats, Shard
+from mcdrop.shards.executor import ModelRef
+from mcdrop.shards.wire import (
     decode,
     decode_stats,
     decode_work,
@@ -19,7 +20,6 @@ from service.shard_wire import (
     encode_work,
     stats_of,
 )
-from service.sharding import ModelRef, PartialStats, Shard
 
 MODEL = ModelRef("reg", Path("/models/reg"), "abc123")
 

@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
+from mcdrop.engine.partials import PartialStats, Shard, finish, merge_partials
+from mcdrop.engine.streaming import BLOCK
+from mcdrop.repository.architectures import build_mlp
+from mcdrop.shards.executor import ModelRef, SerialExecutor, plan_shards, run_sharded
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary, Summary
 from torch import Tensor
-
-from service.architectures import build_mlp
-from service.engine import MCEngine, MCOptions, MCRequest
-from service.sharding import (
-    ModelRef,
-    PartialStats,
-    SerialExecutor,
-    Shard,
-    finish,
-    merge_partials,
-    plan_shards,
-    run_split,
-)
-from service.streaming import BLOCK
-from service.uncertainty import ClassificationSummary, RegressionSummary, Summary
 
 REF = ModelRef("m", Path("."), "fingerprint")
 
@@ -140,7 +131,7 @@ def _split(
     engine: MCEngine, x: Tensor, opts: MCOptions, shards: int, targets: Tensor | None = None
 ) -> Summary:
     executor = SerialExecutor(lambda _: engine, workers=shards)
-    return run_split(executor, REF, engine.head, MCRequest(x, opts, targets), min_shard=BLOCK)
+    return run_sharded(executor, REF, engine.head, MCRequest(x, opts, targets), min_shard=BLOCK)
 
 
 def _assert_same(split: Summary, whole: Summary) -> None:

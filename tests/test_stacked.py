@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
-import pytest
 import torch
+from mcdrop.repository.architectures import build_mlp
+from mcdrop.training.recipe import TrainConfig, train_regressor, weight_decay
+from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 from torch import Tensor
-
-from service.architectures import build_mlp
-from service.stacked import StackedData, StackedMLP, mc_scores, train_stacked
-from service.training import TrainConfig, train_regressor, weight_decay
 
 
 def _data(rows: int = 50, features: int = 3) -> tuple[Tensor, Tensor]:
@@ -113,46 +109,3 @@ def test_dropout_rates_apply_per_network() -> None:
     assert out[0].item() == 400.0
     assert 300 < out[1].item() < 500
     assert out[1].item() % 2 == 0
-
-
-def test_mc_scores_match_hand_computed_mixture() -> None:
-    """Without dropout all T samples agree: LL is the Gaussian log density at tau."""
-    rates = torch.zeros(1, 1, dtype=torch.float64)
-    stacked = StackedMLP.glorot([1, 1], rates)
-    with torch.no_grad():
-        stacked.weights[0].fill_(2.0)
-    x = torch.tensor([[[1.0], [0.0]]])
-    y = torch.tensor([[[5.0], [1.0]]])
-    tau = torch.tensor([0.5])
-    rmse, ll = mc_scores(stacked, x, y, torch.tensor([1.0]), torch.tensor([3.0]), tau, 7)
-    # predictions 2*3+1 = 7 and 1: errors 2 and 0
-    assert rmse.item() == pytest.approx(math.sqrt(2.0))
-    expected = 0.5 * math.log(0.5) - 0.5 * math.log(2 * math.pi) - 0.25 * (4 + 0) / 2
-    assert ll.item() == pytest.approx(expected)
-
-
-def test_mc_scores_agree_with_the_serving_engine() -> None:
-    """Validation scores (stacked, torch RNG masks) estimate what the engine reports."""
-    from service.engine import MCEngine, MCOptions
-    from service.uncertainty import RegressionSummary
-
-    torch.manual_seed(4)
-    rates = torch.full((1, 2), 0.2, dtype=torch.float64)
-    stacked = StackedMLP.glorot([3, 16, 1], rates)
-    x = torch.randn(40, 3)
-    y = torch.randn(40, 1).double() * 2 + 1
-    tau = 1.5
-    rmse, ll = mc_scores(
-        stacked, x[None], y[None], torch.tensor([1.0]), torch.tensor([2.0]),
-        torch.tensor([tau]), samples=4000,
-    )  # fmt: skip
-    engine = MCEngine(
-        stacked.network(0), task="regression", input_shape=(3,), tau=tau,
-        output_scale=torch.tensor([2.0]), output_shift=torch.tensor([1.0]),
-    )  # fmt: skip
-    summary = engine.run(x, MCOptions(samples=4000, seed=0), targets=y)
-    assert isinstance(summary, RegressionSummary)
-    assert summary.log_likelihood is not None
-    engine_rmse = float((summary.mean.double() - y).square().mean().sqrt())
-    assert rmse.item() == pytest.approx(engine_rmse, rel=0.02)
-    assert ll.item() == pytest.approx(float(summary.log_likelihood.mean()), abs=0.02)

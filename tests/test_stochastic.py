@@ -7,13 +7,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from mcdrop.engine.fallback import WholeProgram
+from mcdrop.engine.partition import SplitProgram
+from mcdrop.engine.program import prepare
+from mcdrop.engine.sites import select_sites
+from mcdrop.errors import ModelLoadError
 from torch import Tensor, nn
-
-from service.errors import ModelLoadError
-from service.fallback import WholeProgram
-from service.sites import select_sites
-from service.split import SplitProgram
-from service.stochastic import prepare
 
 
 class FunctionalDropout(nn.Module):

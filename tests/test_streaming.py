@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from service.streaming import BLOCK, StreamingLogMeanExp, StreamingMoments, round_up
+from mcdrop.engine.streaming import BLOCK, StreamingLogMeanExp, StreamingMoments, round_up
 
 CPU = torch.device("cpu")
 

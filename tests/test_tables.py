@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from service.errors import InvalidInput
-from service.tables import TableError, load_table, parse_columns, read_table, select_columns
+from mcdrop.cli.tables import TableError, load_table, parse_columns, read_table, select_columns
+from mcdrop.errors import InvalidInput
 
 UCI_BOSTON = Path("/work/shared/uci/bostonHousing/data.txt")
 

@@ -7,11 +7,10 @@ import time
 
 import pytest
 import torch
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.engine.tracing import TraceLock, symbolic_trace
+from mcdrop.uncertainty import RegressionSummary
 from torch import nn
-
-from service.engine import MCEngine, MCOptions
-from service.tracing import TraceLock, symbolic_trace
-from service.uncertainty import RegressionSummary
 
 
 def _started(target: object) -> threading.Thread:

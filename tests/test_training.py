@@ -8,16 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pydantic import ValidationError
-from torch import nn
-
-from service.architectures import build_cnn, build_mlp
-from service.config import Settings
-from service.engine import MCOptions
-from service.export import write_model_folder
-from service.model import ServedModel
-from service.scoring import rmse
-from service.training import (
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCOptions
+from mcdrop.model import ServedModel
+from mcdrop.repository.architectures import build_cnn, build_mlp
+from mcdrop.scoring import rmse
+from mcdrop.training.export import write_model_folder
+from mcdrop.training.recipe import (
     ClassifierConfig,
     TrainConfig,
     TrainedModel,
@@ -26,7 +23,9 @@ from service.training import (
     train_regressor,
     weight_decay,
 )
-from service.uncertainty import RegressionSummary
+from mcdrop.uncertainty import RegressionSummary
+from pydantic import ValidationError
+from torch import nn
 
 
 def _line_data(rows: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from http_helpers import ServerProcess, copy_shipped, settings_for, start_server
-
-from service.errors import InvalidInput, ModelLoadError
-from service.metrics import Metrics
-from service.model import ServedModel
-from service.registry import ModelRegistry
-from service.repository import check_model_name, model_folder, scan_repository
+from mcdrop.errors import InvalidInput, ModelLoadError
+from mcdrop.model import ServedModel
+from mcdrop.repository.scan import check_model_name, model_folder, scan_repository
+from mcdrop.serving.metrics import Metrics
+from mcdrop.serving.registry import ModelRegistry
 
 EVIL = """
 from pathlib import Path

@@ -8,8 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.training.stacked import StackedMLP
+from mcdrop.uncertainty import RegressionSummary
 
-from service.uci import Protocol, load_dataset, run_dataset, standard_error, validation_split
+from bench.uci_protocol import (
+    UCIProtocol,
+    load_dataset,
+    mc_scores,
+    run_dataset,
+    standard_error,
+    validation_split,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_UCI = ROOT.parent / "shared" / "uci"  # ../shared/uci next to the clone
@@ -79,7 +90,7 @@ def test_standard_error_by_hand() -> None:
 def test_grid_search_picks_the_right_tau_and_reports_every_split(tmp_path: Path) -> None:
     """Noise std 0.02: tau = 1000 fits the held-out rows far better than tau = 0.01."""
     ds = load_dataset(_write_dataset(tmp_path / "line"))
-    protocol = Protocol(epoch_factor=5, validation_samples=50, test_samples=200, batch_size=32)
+    protocol = UCIProtocol(epoch_factor=5, validation_samples=50, test_samples=200, batch_size=32)
     result = run_dataset(ds, [0, 1], protocol, progress=False)
     assert [s.split for s in result.splits] == [0, 1]
     for split in result.splits:
@@ -96,7 +107,7 @@ def test_grid_search_picks_the_right_tau_and_reports_every_split(tmp_path: Path)
 
 def test_concrete_protocol_learns_rates_and_searches_tau_only(tmp_path: Path) -> None:
     ds = load_dataset(_write_dataset(tmp_path / "line"))
-    protocol = Protocol(
+    protocol = UCIProtocol(
         epoch_factor=5, validation_samples=50, test_samples=200, batch_size=32, concrete=True
     )
     result = run_dataset(ds, [0], protocol, progress=False)
@@ -167,3 +178,46 @@ def test_compare_loop_times_three_ways_that_agree(
     assert c["engine_shared_ll"] == pytest.approx(c["loop_ll"], abs=0.01)
     # per-row MC means agree to MC error (~0.01); dropping the 1/(1-p) scale gives ~0.13
     assert c["largest_mean_gap_over_y_std"] < 0.04
+
+
+# -- validation scoring of the stacked networks ---------------------------------------------
+
+
+def test_mc_scores_match_hand_computed_mixture() -> None:
+    """Without dropout all T samples agree: LL is the Gaussian log density at tau."""
+    rates = torch.zeros(1, 1, dtype=torch.float64)
+    stacked = StackedMLP.glorot([1, 1], rates)
+    with torch.no_grad():
+        stacked.weights[0].fill_(2.0)
+    x = torch.tensor([[[1.0], [0.0]]])
+    y = torch.tensor([[[5.0], [1.0]]])
+    tau = torch.tensor([0.5])
+    rmse, ll = mc_scores(stacked, x, y, torch.tensor([1.0]), torch.tensor([3.0]), tau, 7)
+    # predictions 2*3+1 = 7 and 1: errors 2 and 0
+    assert rmse.item() == pytest.approx(math.sqrt(2.0))
+    expected = 0.5 * math.log(0.5) - 0.5 * math.log(2 * math.pi) - 0.25 * (4 + 0) / 2
+    assert ll.item() == pytest.approx(expected)
+
+
+def test_mc_scores_agree_with_the_serving_engine() -> None:
+    """Validation scores (stacked, torch RNG masks) estimate what the engine reports."""
+    torch.manual_seed(4)
+    rates = torch.full((1, 2), 0.2, dtype=torch.float64)
+    stacked = StackedMLP.glorot([3, 16, 1], rates)
+    x = torch.randn(40, 3)
+    y = torch.randn(40, 1).double() * 2 + 1
+    tau = 1.5
+    rmse, ll = mc_scores(
+        stacked, x[None], y[None], torch.tensor([1.0]), torch.tensor([2.0]),
+        torch.tensor([tau]), samples=4000,
+    )  # fmt: skip
+    engine = MCEngine(
+        stacked.network(0), task="regression", input_shape=(3,), tau=tau,
+        output_scale=torch.tensor([2.0]), output_shift=torch.tensor([1.0]),
+    )  # fmt: skip
+    summary = engine.run(x, MCOptions(samples=4000, seed=0), targets=y)
+    assert isinstance(summary, RegressionSummary)
+    assert summary.log_likelihood is not None
+    engine_rmse = float((summary.mean.double() - y).square().mean().sqrt())
+    assert rmse.item() == pytest.approx(engine_rmse, rel=0.02)
+    assert ll.item() == pytest.approx(float(summary.log_likelihood.mean()), abs=0.02)

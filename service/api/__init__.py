@@ -1,1 +1,0 @@
-"""HTTP routers and the pure codecs they call (Open Inference Protocol, native API)."""

@@ -1,0 +1,153 @@
+"""The named output tensors of a summary, shared by the OIP router and model metadata.
+
+Regression outputs are [B, D] FP64 (samples [B, K, D]); classification outputs are [B, C] or
+[B] (samples [B, K, C]); interval names carry the level as a percentage: lower_95, upper_99.5.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+
+from mcdrop.api.oip_codec import OutputTensor, RequestedOutput, datatype_of
+from mcdrop.errors import InvalidInput
+from mcdrop.repository.manifest import ModelSpec
+from mcdrop.uncertainty import ClassificationSummary, RegressionSummary, validate_levels
+
+INPUT_NAME = "input"
+MAX_LEVELS = 16
+REGRESSION_MOMENTS = ("mean", "variance", "epistemic_variance", "aleatoric_variance", "std")
+CLASS_VECTORS = ("probabilities", "probabilities_std")
+CLASS_SCALARS = ("entropy", "expected_entropy", "mutual_information", "variation_ratio")
+
+
+def interval_name(level: float, side: Literal["lower", "upper"], empirical: bool = False) -> str:
+    """Output name of one interval bound: 0.95 -> lower_95, 0.995 -> upper_99.5_empirical."""
+    pct = f"{level * 100.0:.10f}".rstrip("0").rstrip(".")
+    return f"{side}_{pct}_empirical" if empirical else f"{side}_{pct}"
+
+
+def _level(value: object) -> float:
+    """One level as a fraction: 0.9 stays, 90 (a percentage) becomes 0.9."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidInput(f"interval_levels: {text!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise InvalidInput(f"interval_levels: {value!r} is not a number")
+    if 0.0 < value < 1.0:
+        return float(value)
+    if 1.0 < value < 100.0:
+        return round(value / 100.0, 12)
+    raise InvalidInput(
+        f"interval_levels: {value!r} must lie in (0, 1), or in (1, 100) as a percentage"
+    )
+
+
+def parse_levels(value: object) -> tuple[float, ...]:
+    """The `interval_levels` request parameter: a list, a number, or "0.9, 0.95" / "90,95".
+
+    Returns fractions in (0, 1), sorted, without repeats (levels that name alike count once).
+    """
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        items = [items]
+    levels: dict[str, float] = {}
+    for item in items:
+        level = _level(item)
+        levels.setdefault(interval_name(level, "lower"), level)
+    if not levels:
+        raise InvalidInput("interval_levels: give at least one level, e.g. [0.9, 0.95]")
+    if len(levels) > MAX_LEVELS:
+        raise InvalidInput(f"interval_levels: {len(levels)} levels is above {MAX_LEVELS}")
+    return tuple(sorted(levels.values()))
+
+
+def _np(tensor: Tensor, dtype: torch.dtype = torch.float64) -> NDArray[Any]:
+    return tensor.detach().to("cpu", dtype).numpy()
+
+
+def summary_outputs(summary: RegressionSummary | ClassificationSummary) -> dict[str, NDArray[Any]]:
+    """Every output tensor of a summary by name, in the order metadata lists them."""
+    if isinstance(summary, ClassificationSummary):
+        out = {name: _np(getattr(summary, name)) for name in CLASS_VECTORS}
+        out["predicted_class"] = _np(summary.predicted_class, torch.int64)
+        out.update({name: _np(getattr(summary, name)) for name in CLASS_SCALARS})
+    else:
+        out = {name: _np(getattr(summary, name)) for name in REGRESSION_MOMENTS}
+        for empirical, intervals in ((False, summary.gaussian_intervals),
+                                     (True, summary.empirical_intervals)):  # fmt: skip
+            for level in sorted(intervals):
+                out[interval_name(level, "lower", empirical)] = _np(intervals[level].lower)
+                out[interval_name(level, "upper", empirical)] = _np(intervals[level].upper)
+    if summary.samples is not None:
+        out["samples"] = _np(summary.samples)
+    return out
+
+
+def _meta(name: str, shape: list[int], datatype: str = "FP64") -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape}
+
+
+def output_metadata(spec: ModelSpec, levels: tuple[float, ...] = (0.95,)) -> list[dict[str, Any]]:
+    """Name, datatype and shape (-1: batch, or K for samples) of every output at `levels`.
+
+    Samples appear when the request asks for them (`return_samples` > 0).
+    """
+    n = spec.n_outputs
+    if spec.task == "classification":
+        meta = [_meta(name, [-1, n]) for name in CLASS_VECTORS]
+        meta.append(_meta("predicted_class", [-1], "INT64"))
+        meta += [_meta(name, [-1]) for name in CLASS_SCALARS]
+    else:
+        meta = [_meta(name, [-1, n]) for name in REGRESSION_MOMENTS]
+        for empirical in (False, True):
+            for level in validate_levels(levels):
+                meta.append(_meta(interval_name(level, "lower", empirical), [-1, n]))
+                meta.append(_meta(interval_name(level, "upper", empirical), [-1, n]))
+    meta.append(_meta("samples", [-1, -1, n]))
+    return meta
+
+
+def input_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
+    """The one input every model takes: rows of the manifest's input shape, as FP32."""
+    return [_meta(INPUT_NAME, [-1, *spec.input.shape], "FP32")]
+
+
+def _hint(name: str) -> str:
+    if name == "samples":
+        return " (samples need the request parameter return_samples > 0)"
+    if name.startswith(("lower_", "upper_")):
+        return " (interval levels follow the request parameter interval_levels)"
+    return ""
+
+
+def select_outputs(
+    all_outputs: Mapping[str, NDArray[Any]],
+    requested: Sequence[RequestedOutput],
+    model_name: str,
+    binary_default: bool = False,
+) -> tuple[list[OutputTensor], set[str]]:
+    """The requested outputs (all when none are named) and the names to send as binary.
+
+    Unknown names raise InvalidInput listing what the model produces for this request.
+    """
+    if not requested:
+        chosen = [OutputTensor(n, datatype_of(a), a) for n, a in all_outputs.items()]
+        return chosen, {t.name for t in chosen} if binary_default else set()
+    for req in requested:
+        if req.name not in all_outputs:
+            raise InvalidInput(
+                f"output {req.name!r} is not produced by model {model_name!r}; it produces: "
+                f"{', '.join(all_outputs)}{_hint(req.name)}"
+            )
+    chosen = [OutputTensor(r.name, datatype_of(all_outputs[r.name]), all_outputs[r.name])
+              for r in requested]  # fmt: skip
+    return chosen, {r.name for r in requested if r.binary}

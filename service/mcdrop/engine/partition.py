@@ -1,0 +1,186 @@
+"""Split a traced model into a deterministic prefix (once per row) and a sampled suffix.
+
+With torch.fx every sampled op is rewritten to draw its masks from a SamplingContext;
+nodes that no sampled op influences form the prefix, the rest the suffix, which runs on
+rows x samples. Values crossing the boundary are expanded row-major; sizes and shapes the
+suffix needs are recomputed there from the expanded values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+from mcdrop.engine.sampling import SamplingContext, Site
+from mcdrop.engine.sites import ELEMENTWISE, SampleSelection, find_sites, select_sites
+from mcdrop.engine.tracing import TRACE_LOCK, symbolic_trace
+from mcdrop.errors import ModelLoadError
+
+
+@dataclass
+class _Example:
+    """What one node produced in the two probe runs (batch 2 and batch 3)."""
+
+    values: dict[fx.Node, tuple[Any, Any]] = field(default_factory=dict)
+
+    def is_tensor(self, node: fx.Node) -> bool:
+        return isinstance(self.values[node][0], Tensor)
+
+    def batched(self, node: fx.Node) -> bool:
+        a, b = self.values[node]
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() > 0
+                and a.shape[0] == 2 and b.shape[0] == 3)  # fmt: skip
+
+    def row_elements(self, node: fx.Node) -> int:
+        a = self.values[node][0]
+        return a.numel() // 2 if isinstance(a, Tensor) and a.dim() > 0 else 0
+
+
+def _probe(gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype) -> _Example:
+    example = _Example()
+    runs = []
+    for batch in (2, 3):
+        seen: dict[fx.Node, Any] = {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node, seen: dict[fx.Node, Any] = seen) -> Any:
+                out = super().run_node(n)
+                seen[n] = out
+                return out
+
+        gen = torch.Generator().manual_seed(0)
+        with torch.inference_mode(), TRACE_LOCK.running():
+            _Recorder(gm).run(torch.randn((batch, *input_shape), generator=gen, dtype=dtype))
+        runs.append(seen)
+    for node in gm.graph.nodes:
+        if node in runs[0]:
+            example.values[node] = (runs[0][node], runs[1][node])
+    return example
+
+
+def _closure(starts: list[fx.Node]) -> set[fx.Node]:
+    """The nodes that depend on any of `starts` (inclusive)."""
+    seen: set[fx.Node] = set()
+    stack = list(starts)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(u for u in n.users if u.op != "output")
+    return seen
+
+
+@dataclass
+class SplitProgram:
+    """A traced model split at its first sampled op; see the module docstring."""
+
+    prefix: Callable[..., Any]  # x [B, *input] -> tuple of boundary values (a GraphModule)
+    suffix: Callable[..., Any]  # (*boundary values, ctx) -> outputs for R*S rows
+    batched: list[bool]  # boundary values with the batch in dim 0
+    sites: list[Site]
+    row_elements: int  # largest activation per (row, sample) in the suffix
+
+    def run_prefix(self, x: Tensor) -> list[Any]:
+        """Deterministic prefix, once per input row."""
+        return list(self.prefix(x))
+
+    def run_suffix(self, boundary: list[Any], ctx: SamplingContext) -> Tensor:
+        """Sampled suffix on R rows x S samples; boundary already sliced to those R rows."""
+        out: Tensor = self.suffix(*boundary, ctx)
+        return out
+
+
+def split_program(
+    module: nn.Module, input_shape: tuple[int, ...], sample: SampleSelection, dtype: torch.dtype
+) -> SplitProgram:
+    """Trace `module` with fx and split it into prefix and suffix (raises if it cannot)."""
+    gm = symbolic_trace(module)
+    found = find_sites(gm)
+    chosen = {found[i].node for i in select_sites([f.site.name for f in found], sample)}
+    sites = [f.site for f in found if f.node in chosen]
+    by_node = {f.node: f for f in found}
+    example = _probe(gm, input_shape, dtype)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    sampled = _closure(list(chosen))
+    depends_on_input = _closure([placeholder])
+
+    # Non-tensor values (sizes, shapes) that the suffix needs are recomputed there.
+    pulled: set[fx.Node] = set()
+    stack = [a for n in sampled for a in n.all_input_nodes if a not in sampled]
+    while stack:
+        n = stack.pop()
+        if n in pulled or n in sampled or n.op == "placeholder":
+            continue
+        if n in depends_on_input and not example.is_tensor(n):
+            pulled.add(n)
+            stack.extend(n.all_input_nodes)
+    suffix_nodes = sampled | pulled
+    boundary = [n for n in gm.graph.nodes if n not in suffix_nodes and n.op != "output"
+                and any(u in suffix_nodes or u.op == "output" for u in n.users)]  # fmt: skip
+    for n in boundary:
+        if n in depends_on_input and not example.batched(n):
+            raise ModelLoadError(f"{n.name}: cannot find the batch in dim 0 of this value")
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n in suffix_nodes or n.op == "output":
+            continue
+        if n in by_node and n not in chosen and by_node[n].site.kind in ELEMENTWISE:
+            env[n] = env[n.args[0]]  # unselected dropout: identity
+            continue
+        env[n] = prefix_graph.node_copy(n, lambda a: env[a])
+    prefix_graph.output(tuple(env[n] for n in boundary))
+    prefix = fx.GraphModule(gm, prefix_graph)
+    prefix.graph.eliminate_dead_code()
+    prefix.recompile()
+
+    graph = fx.Graph()
+    raw = {n: graph.placeholder(f"b_{n.name}") for n in boundary}
+    ctx = graph.placeholder("mc_ctx")
+    expanded: dict[fx.Node, fx.Node] = {}
+
+    def value(n: fx.Node, fusable: bool = False) -> fx.Node:
+        if n not in raw:
+            return senv[n]
+        if fusable or n not in depends_on_input:
+            return raw[n]
+        if n not in expanded:
+            expanded[n] = graph.call_method("expand", (ctx, raw[n]))
+        return expanded[n]
+
+    senv: dict[fx.Node, fx.Node] = {}
+    index = {f.node: i for i, f in enumerate(f for f in found if f.node in chosen)}
+    for n in gm.graph.nodes:
+        if n not in suffix_nodes:
+            continue
+        f = by_node.get(n)
+        if f is not None and f.site.kind in ELEMENTWISE:
+            src = f.bound["input"]
+            if n in chosen:
+                senv[n] = graph.call_method("dropout", (ctx, index[n], value(src, fusable=True)))
+            else:
+                senv[n] = value(src)
+        elif f is not None and n in chosen:
+            bound = {k: (value(v) if isinstance(v, fx.Node) else v) for k, v in f.bound.items()}
+            bound.pop("dropout_p", None)
+            q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
+            method = "sdpa" if f.site.kind == "sdpa" else "multihead_attention"
+            senv[n] = graph.call_method(method, (ctx, index[n], q, k, v), bound)
+        else:
+            senv[n] = graph.node_copy(n, value)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    graph.output(fx.node.map_arg(out_node.args[0], value))
+
+    row_elements = max([example.row_elements(n) for n in suffix_nodes] + [1])
+    return SplitProgram(
+        prefix=prefix,
+        suffix=fx.GraphModule(gm, graph),
+        batched=[n in depends_on_input for n in boundary],
+        sites=sites,
+        row_elements=row_elements,
+    )

@@ -1,0 +1,204 @@
+"""A servable model: manifest + network + engine, answering in the client's raw units."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from mcdrop.config import Settings
+from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
+from mcdrop.errors import InvalidInput, LimitExceeded, ModelLoadError, NonFiniteOutput
+from mcdrop.repository.loading import load_module
+from mcdrop.repository.manifest import MANIFEST_NAME, ModelSpec, load_manifest
+from mcdrop.uncertainty import NonFinite, Summary, first_non_finite
+
+CANARY_ROWS = 2  # probe rows a new version must answer before it is swapped in
+CANARY_SAMPLES = 8
+CANARY_SEED = 0
+_LISTED = 8  # rows named in a non-finite error before "... and N more"
+
+
+def _affine(values: list[float] | None, shape: tuple[int, ...], what: str) -> Tensor | None:
+    """Normalisation vector shaped to broadcast over one row of `shape`."""
+    if values is None:
+        return None
+    t = torch.tensor(values, dtype=torch.float32)
+    if len(values) == 1:
+        return t.view((1,) * len(shape))
+    if len(values) == math.prod(shape):
+        return t.view(shape)
+    if len(values) == shape[0]:
+        return t.view((shape[0],) + (1,) * (len(shape) - 1))
+    raise ModelLoadError(
+        f"normalization.{what}: {len(values)} values do not fit shape {list(shape)}"
+    )
+
+
+@dataclass
+class ServedModel:
+    """One loaded model version, ready to answer requests from any thread."""
+
+    spec: ModelSpec
+    folder: Path
+    engine: MCEngine
+    input_mean: Tensor | None
+    input_std: Tensor | None
+
+    @classmethod
+    def load(cls, folder: Path, settings: Settings | None = None) -> ServedModel:
+        """Read the manifest, rebuild the network and prepare its engine."""
+        settings = settings or Settings()
+        spec = load_manifest(folder / MANIFEST_NAME)
+        module = load_module(spec, folder)
+        shape = tuple(spec.input.shape)
+        norm = spec.normalization
+        n_out = spec.n_outputs
+        scale = None if norm.target_std is None else torch.tensor(norm.target_std).expand(n_out)
+        shift = None if norm.target_mean is None else torch.tensor(norm.target_mean).expand(n_out)
+        try:
+            engine = MCEngine(
+                module,
+                task=spec.task,
+                input_shape=shape,
+                heteroscedastic=spec.output.heteroscedastic,
+                tau=spec.mc.tau,
+                sample=spec.mc.sample,
+                device=settings.device or spec.runtime.device,
+                dtype=spec.runtime.dtype,
+                compile=spec.runtime.compile if settings.compile is None else settings.compile,
+                chunk_elements=settings.chunk_elements,
+                output_scale=scale,
+                output_shift=shift,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{folder / MANIFEST_NAME}: {exc}") from exc
+        return cls(
+            spec=spec,
+            folder=folder,
+            engine=engine,
+            input_mean=_affine(norm.input_mean, shape, "input_mean"),
+            input_std=_affine(norm.input_std, shape, "input_std"),
+        )
+
+    def options(
+        self,
+        samples: int | Literal["auto"] | None = None,
+        *,
+        seed: int | None = None,
+        mask_mode: Literal["independent", "shared"] | None = None,
+        tolerance: float | None = None,
+        interval_levels: tuple[float, ...] = (0.95,),
+        return_samples: int = 0,
+    ) -> MCOptions:
+        """MC options with the manifest's defaults filled in and its limits enforced."""
+        mc = self.spec.mc
+        n = mc.default_samples if samples is None else samples
+        if n != "auto" and n > mc.max_samples:
+            raise LimitExceeded(f"samples: {n} is above this model's maximum of {mc.max_samples}")
+        if return_samples > mc.max_samples:
+            raise LimitExceeded(f"return_samples: {return_samples} is above {mc.max_samples}")
+        try:
+            return MCOptions(
+                samples=n,
+                tolerance=mc.tolerance if tolerance is None else tolerance,
+                max_samples=mc.max_samples,
+                mask_mode=mask_mode or mc.mask_mode,
+                seed=seed,
+                interval_levels=interval_levels,
+                return_samples=return_samples,
+            ).validated()
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+    def prepare_input(self, rows: Tensor) -> Tensor:
+        """Check raw rows [B, *input.shape] and normalise them for the network."""
+        shape = tuple(self.spec.input.shape)
+        if rows.dim() == len(shape) and len(shape) == 1 and rows.shape[0] == shape[0]:
+            rows = rows.unsqueeze(0)
+        if tuple(rows.shape[1:]) != shape or rows.shape[0] == 0:
+            expected = ", ".join(map(str, shape))
+            raise InvalidInput(f"input: expected shape [rows, {expected}], got {list(rows.shape)}")
+        if rows.shape[0] > self.spec.mc.max_rows:
+            raise LimitExceeded(f"input: {rows.shape[0]} rows is above this model's maximum of "
+                                f"{self.spec.mc.max_rows}")  # fmt: skip
+        x = rows.to(torch.float32)
+        if not bool(torch.isfinite(x).all()):  # one check covers NaN, inf and float32 overflow
+            if not bool(torch.isfinite(rows).all()):
+                raise InvalidInput("input: contains NaN or infinite values")
+            raise InvalidInput("input: values beyond the float32 range")
+        if self.input_mean is not None and self.input_std is not None:
+            x = (x - self.input_mean) / self.input_std
+        return x
+
+    def request(self, rows: Tensor, options: MCOptions, targets: Tensor | None = None) -> MCRequest:
+        """An engine request for raw rows (validated and normalised)."""
+        if targets is not None:
+            targets = targets.reshape(len(rows), -1).to(torch.float64)
+            if targets.shape[1] != self.spec.n_outputs:
+                raise InvalidInput(
+                    f"targets: expected {self.spec.n_outputs} per row, got {targets.shape[1]}"
+                )
+            if not bool(torch.isfinite(targets).all()):
+                raise InvalidInput("targets: contains NaN or infinite values")
+        return MCRequest(self.prepare_input(rows), options, targets)
+
+    def predict(
+        self, rows: Tensor, options: MCOptions | None = None, targets: Tensor | None = None
+    ) -> Summary:
+        """MC summary for raw rows; answers in raw target units."""
+        req = self.request(rows, options or self.options(), targets)
+        try:
+            summary = self.engine.run_many([req])[0]
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from exc
+        self.check_finite(summary)
+        return summary
+
+    def check_finite(self, summary: Summary) -> None:
+        """Raise NonFiniteOutput naming the output and rows when the summary holds NaN or inf.
+
+        Bare NaN is not JSON, and a NaN answer is no answer: the caller gets a clear 422 instead.
+        """
+        found = first_non_finite(summary)
+        if found is not None:
+            raise NonFiniteOutput(self._non_finite_message(found))
+
+    def _non_finite_message(self, found: NonFinite) -> str:
+        """Which output (regression: name and summary field; classification: field) and rows."""
+        names = self.spec.output.names
+        what = found.field
+        if self.spec.task == "regression" and found.columns:
+            outputs = [names[c] if c < len(names) else str(c) for c in found.columns]
+            what = f"output {', '.join(map(repr, outputs))} ({found.field})"
+        rows = ", ".join(map(str, found.rows[:_LISTED]))
+        if len(found.rows) > _LISTED:
+            rows += f" ... and {len(found.rows) - _LISTED} more"
+        return (
+            f"model '{self.spec.name}' cannot compute a finite answer for this input: "
+            f"{what} is NaN or infinite in rows [{rows}]"
+        )
+
+    def canary(self) -> Summary:
+        """Predict a probe input and demand a finite answer; ModelLoadError if it fails.
+
+        The probe is the normalisation's input mean (else zeros): a version that cannot answer
+        it must never replace a working one.
+        """
+        shape = tuple(self.spec.input.shape)
+        mean = self.input_mean
+        probe = torch.zeros(shape) if mean is None else mean.expand(shape)
+        n = min(CANARY_ROWS, self.spec.mc.max_rows)
+        rows = probe.unsqueeze(0).expand(n, *shape).contiguous()
+        try:
+            options = self.options(min(CANARY_SAMPLES, self.spec.mc.max_samples), seed=CANARY_SEED)
+            return self.predict(rows, options)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{self.folder}: the canary prediction on {n} probe rows failed, so this version "
+                f"is not served: {type(exc).__name__}: {exc}"
+            ) from exc

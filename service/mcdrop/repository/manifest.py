@@ -1,0 +1,202 @@
+"""The model manifest (`models/<name>/model.toml`) as a validated, typed ModelSpec."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from mcdrop.errors import ModelLoadError
+
+Task = Literal["regression", "classification"]
+MaskMode = Literal["independent", "shared"]
+MANIFEST_NAME = "model.toml"
+# A model name is a folder name and a URL path segment: no separators, no leading dot (so
+# never "." or ".."), bounded length. Routes check request names against it before any lookup.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """Shape of one input row (without the batch dimension) and its dtype."""
+
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    dtype: Literal["float32", "float64"] = "float32"
+    names: list[str] | None = None
+    training_ranges: list[tuple[float, float]] | None = Field(
+        None, description="1-D inputs: the intervals the training data covered (for plots)"
+    )
+
+
+class OutputSpec(_Strict):
+    """Names of the outputs: regression targets, or class labels for a classifier."""
+
+    names: list[str] = Field(min_length=1)
+    heteroscedastic: bool = Field(
+        False, description="regression head emits [mean..., log-variance...] (2 x outputs)"
+    )
+
+
+class NormalizationSpec(_Strict):
+    """Affine standardisation: clients send raw features and get answers in raw units."""
+
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> NormalizationSpec:
+        for a, b in (("input_mean", "input_std"), ("target_mean", "target_std")):
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ValueError(f"{a} and {b} must be given together")
+            std = getattr(self, b)
+            if std is not None and any(s <= 0 for s in std):
+                raise ValueError(f"{b} must be positive")
+            if std is not None and len(std) != len(getattr(self, a)):
+                raise ValueError(f"{a} and {b} must have the same length")
+        return self
+
+
+class ArchitectureSpec(_Strict):
+    """How to rebuild the network: a built-in architecture, a user factory, or TorchScript."""
+
+    format: Literal["builtin", "entrypoint", "torchscript"]
+    architecture: Literal["mlp", "cnn"] | None = None
+    entrypoint: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    weights: str = Field(
+        "weights.safetensors", description="a path inside the model folder (relative, no '..')"
+    )
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("weights")
+    @classmethod
+    def _inside_folder(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or "\\" in value or ".." in path.parts:
+            raise ValueError(f"{value!r} must be a relative path inside the model folder")
+        return value
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> ArchitectureSpec:
+        if self.format == "builtin" and self.architecture is None:
+            raise ValueError("format 'builtin' needs 'architecture' (mlp or cnn)")
+        if self.format == "entrypoint" and self.entrypoint is None:
+            raise ValueError("format 'entrypoint' needs 'entrypoint' = 'package.module:factory'")
+        return self
+
+
+class MCSpec(_Strict):
+    """Monte Carlo defaults and limits for the model."""
+
+    default_samples: int = Field(100, ge=1)
+    max_samples: int = Field(100_000, ge=1)
+    mask_mode: MaskMode = "independent"
+    tolerance: float = Field(0.01, gt=0, description="standard-error target for samples='auto'")
+    tau: float | None = Field(
+        None, gt=0, description="model precision; aleatoric variance 1/tau in raw target units"
+    )
+    sample: Literal["all", "last"] | list[str] = Field(
+        "all", description="which stochastic ops sample: all, the last, or these site names"
+    )
+    max_rows: int = Field(1024, ge=1)
+
+    @model_validator(mode="after")
+    def _limits(self) -> MCSpec:
+        if self.default_samples > self.max_samples:
+            raise ValueError("default_samples must not exceed max_samples")
+        return self
+
+
+class BatchingSpec(_Strict):
+    """Dynamic batching of concurrent requests (overridable by settings)."""
+
+    max_batch_rows: int = Field(64, ge=1, description="rows merged into one engine call")
+    max_batch_delay_ms: float = Field(2.0, ge=0, description="wait for more requests this long")
+
+
+class RuntimeSpec(_Strict):
+    """Where and how the engine runs the model."""
+
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False
+
+
+class ModelSpec(_Strict):
+    """Everything a model folder declares about itself."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Task
+    description: str = ""
+    input: InputSpec
+    output: OutputSpec
+    model: ArchitectureSpec
+    normalization: NormalizationSpec = NormalizationSpec()
+    mc: MCSpec = MCSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    batching: BatchingSpec = BatchingSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        if self.task == "classification" and self.output.heteroscedastic:
+            raise ValueError("output.heteroscedastic applies only to regression")
+        n_in = 1
+        for d in self.input.shape:
+            n_in *= d
+        norm = self.normalization
+        if norm.input_mean is not None and len(norm.input_mean) not in (
+            1,
+            n_in,
+            self.input.shape[0],
+        ):
+            raise ValueError(
+                f"normalization.input_mean has {len(norm.input_mean)} values; expected 1, "
+                f"{self.input.shape[0]} (per channel) or {n_in} (per feature)"
+            )
+        if norm.target_mean is not None:
+            if self.task != "regression":
+                raise ValueError("target normalisation applies only to regression")
+            if len(norm.target_mean) not in (1, len(self.output.names)):
+                raise ValueError(
+                    f"normalization.target_mean has {len(norm.target_mean)} values; "
+                    f"expected 1 or {len(self.output.names)}"
+                )
+        return self
+
+    @property
+    def n_outputs(self) -> int:
+        """Outputs per row the client sees (targets, or classes)."""
+        return len(self.output.names)
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_manifest(path: Path) -> ModelSpec:
+    """Parse and validate one manifest; errors name the file, the field and what was expected."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{path}: manifest not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{_field_path(e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ModelLoadError(f"{path}: {problems}") from exc
