@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import time
 
-from mcdrop.model import ServedModel
-from mcdrop.uncertainty import ClassificationSummary
-
 from bench.common import collector_paused
 from bench.load import Slice
 from bench.workload import CEILING, MODEL, SAMPLES, Digits, check_probabilities
+from mcdrop.model import ServedModel
+from mcdrop.uncertainty import ClassificationSummary
 
 
 def ceiling_slice(

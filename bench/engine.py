@@ -22,10 +22,6 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcdrop.engine.core import MCEngine, MCOptions
-from mcdrop.engine.masks import keep_mask, quantized_drop_probability
-from mcdrop.uncertainty import ClassificationSummary
-
 from bench.common import (
     emit,
     format_table,
@@ -36,6 +32,9 @@ from bench.common import (
     summarize,
     torch_threads,
 )
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.engine.masks import keep_mask, quantized_drop_probability
+from mcdrop.uncertainty import ClassificationSummary
 
 Way = Callable[[], Tensor]
 SEED = 0

@@ -28,13 +28,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
-from mcdrop.config import Settings
-from mcdrop.model import ServedModel
 
 from bench.common import emit, format_table, machine, torch_threads
 from bench.load import JSON_HEADERS, percentile
 from bench.servers import free_port, launched, server_env, uvicorn_command, wait_ready
 from bench.workload import HOST, ROOT
+from mcdrop.config import Settings
+from mcdrop.model import ServedModel
 
 MODELS = ("digits", "toy-regression")  # the shipped repository the server loads
 MODES = {"on": "true", "off": "false"}  # MCDROP_INTERLEAVE of each server

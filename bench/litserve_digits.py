@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (also in LitServe's spawned wor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import litserve as ls
+
 from mcdrop.repository.loading import load_module
 from mcdrop.repository.manifest import MANIFEST_NAME, load_manifest
 

@@ -95,10 +95,11 @@ def ray_apps(threads: int) -> Iterator[int]:
     one and stops it after; either way only its own applications are removed.
     """
     import ray
+    from ray import serve
+
     from mcdrop.config import Settings
     from mcdrop.ray_options import RayOptions
     from mcdrop.ray_serve import application, connect, start_proxy
-    from ray import serve
 
     own = not ray.is_initialized()
     if own:

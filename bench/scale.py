@@ -24,6 +24,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import emit, format_table, interleaved, machine, noisy, summarize
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCRequest
 from mcdrop.model import ServedModel
@@ -31,8 +32,6 @@ from mcdrop.repository.scan import fingerprint
 from mcdrop.shards.executor import ModelRef, ShardExecutor, run_sharded
 from mcdrop.shards.pool import LocalShardPool
 from mcdrop.uncertainty import ClassificationSummary
-
-from bench.common import emit, format_table, interleaved, machine, noisy, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits"

@@ -20,9 +20,6 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcdrop.config import Settings
-from mcdrop.model import ServedModel
-
 from bench.ceiling import ceiling_slice
 from bench.common import emit, machine, torch_threads
 from bench.load import Endpoint, Slice, figures, http_slice
@@ -48,6 +45,8 @@ from bench.workload import (
     WAYS,
     Digits,
 )
+from mcdrop.config import Settings
+from mcdrop.model import ServedModel
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

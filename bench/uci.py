@@ -25,23 +25,22 @@ from torch import Tensor, nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mcdrop import scoring
-from mcdrop.engine.core import MaskMode
-from mcdrop.training.stacked import StackedMLP
-
 from bench.uci_protocol import (
     DatasetResult,
     Stage,
     UCIDataset,
     UCIProtocol,
     engine_scores,
+    holdout_rows,
     load_dataset,
     make_engine,
     run_dataset,
     standardised,
     train_stage,
-    validation_split,
 )
+from mcdrop import scoring
+from mcdrop.engine.core import MaskMode
+from mcdrop.training.stacked import StackedMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "uci"
@@ -192,7 +191,7 @@ def compare_training(dataset: UCIDataset, protocol: UCIProtocol) -> dict[str, An
     network, against all of them as one StackedMLP; same epochs, timed in this run."""
     from mcdrop.training.recipe import TrainConfig, train_regressor
 
-    fit, _ = validation_split(dataset.splits[0][0], protocol.validation_fraction)
+    fit, _ = holdout_rows(dataset.splits[0][0], protocol.validation_fraction)
     grid = [(p, t) for p in dataset.dropout_grid for t in dataset.tau_grid]
     epochs = protocol.epochs(dataset)
     start = time.perf_counter()

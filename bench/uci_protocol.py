@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+from tqdm import tqdm
+
 from mcdrop import scoring
 from mcdrop.config import DEFAULT_CHUNK_ELEMENTS
 from mcdrop.engine.core import MaskMode, MCEngine, MCOptions
 from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 from mcdrop.uncertainty import RegressionSummary
-from torch import Tensor
-from tqdm import tqdm
 
 CONCRETE_INIT = 0.1  # initial learned dropout rate (Gal, Hron & Kendall's init_min = init_max)
 
@@ -170,7 +171,7 @@ def standardised(dataset: UCIDataset, fit: np.ndarray) -> ScaledSplit:
     )
 
 
-def validation_split(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def holdout_rows(train: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(fit, validation) rows of a split: the last `fraction` of its training rows, in the
     index file's order, are held out, as in the reference implementation."""
     n_fit = int((1 - fraction) * len(train))
@@ -234,7 +235,7 @@ def run_dataset(
     # 1. every grid point of every split, trained on 80% of its training rows
     tables, group, fit_rows, val_rows = [], [], [], []
     for i, k in enumerate(split_ids):
-        fit, val = validation_split(dataset.splits[k][0], protocol.validation_fraction)
+        fit, val = holdout_rows(dataset.splits[k][0], protocol.validation_fraction)
         tables.append(standardised(dataset, fit))
         fit_rows.append(fit)
         val_rows.append(val)

@@ -12,6 +12,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
+from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
+from torch import nn
+
 from mcdrop.engine.partials import Shard, finish, merge_partials
 from mcdrop.model import ServedModel
 from mcdrop.repository.architectures import Activation, build_mlp
@@ -19,8 +22,6 @@ from mcdrop.repository.loading import save_weights
 from mcdrop.repository.scan import fingerprint
 from mcdrop.shards.executor import ModelRef, ShardExecutor, run_sharded
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
-from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
-from torch import nn
 
 
 def toml_value(value: object) -> str:

@@ -25,12 +25,14 @@ import httpx
 import numpy as np
 import torch
 from fastapi import FastAPI
+from numpy.typing import NDArray
+from prometheus_client.parser import text_string_to_metric_families
+
 from mcdrop.app import create_app
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCRequest
 from mcdrop.repository.loading import save_weights
-from numpy.typing import NDArray
-from prometheus_client.parser import text_string_to_metric_families
+from mcdrop.shards.executor import ShardExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models"
@@ -162,10 +164,10 @@ def settings_for(repository: Path, **overrides: Any) -> Settings:
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: Settings, *, lifespan: bool = True
+    settings: Settings, *, lifespan: bool = True, shard_executor: ShardExecutor | None = None
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """An app over `settings` (its lifespan run unless told otherwise) and a client to it."""
-    app = create_app(settings)
+    app = create_app(settings, shard_executor=shard_executor)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://mcdrop.test") as client:
         if not lifespan:

@@ -57,6 +57,7 @@ class RayCluster:
 def start_cluster() -> RayCluster:
     """A local cluster with its dashboard off, and Serve's proxy on a free loopback port."""
     import ray
+
     from mcdrop.ray_serve import connect, start_proxy
 
     connect(None, num_cpus=CLUSTER_CPUS, object_store_bytes=OBJECT_STORE_BYTES)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import ctypes.util
 import platform
 
-import mcdrop.engine.core
 import pytest
 import torch
+from torch import nn
+
+import mcdrop.engine.core
 from mcdrop.engine.allocator import keep_freed_memory
 from mcdrop.engine.core import MCEngine
-from torch import nn
 
 
 @pytest.mark.skipif(

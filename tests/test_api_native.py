@@ -23,6 +23,7 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
+
 from mcdrop.engine.accumulators import MAX_VARIANCE
 from mcdrop.errors import NonFiniteOutput
 from mcdrop.evaluation import evaluate

@@ -23,10 +23,11 @@ from http_helpers import (
     spy_engine,
     wait_for,
 )
-from mcdrop.api.outputs import summary_outputs
-from mcdrop.model import ServedModel
 from numpy.typing import NDArray
 from test_api_native import FAR, strict_json, write_overflowing_mlp
+
+from mcdrop.api.outputs import summary_outputs
+from mcdrop.model import ServedModel
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/mlp/infer"

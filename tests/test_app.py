@@ -27,6 +27,7 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
+
 from mcdrop import __version__
 from mcdrop.app import create_app
 

@@ -6,11 +6,12 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from pydantic import ValidationError
+from torch import nn
+
 from mcdrop.errors import ModelLoadError
 from mcdrop.repository.architectures import build_architecture, build_cnn, build_mlp
 from mcdrop.repository.manifest import ModelSpec
-from pydantic import ValidationError
-from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 

@@ -23,6 +23,7 @@ from http_helpers import (
     settings_for,
     wait_for,
 )
+
 from mcdrop.engine.core import MCRequest
 from mcdrop.errors import DeadlineExceeded, Overloaded, ServiceError
 from mcdrop.model import ServedModel

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_line_csv
+
 from mcdrop.cli.main import main
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCOptions
@@ -207,7 +208,7 @@ def test_predict_shared_masks_and_a_table_file(tmp_path: Path, capsys: Capsys) -
 
 
 def test_predict_a_digit_from_a_json_file(tmp_path: Path, capsys: Capsys) -> None:
-    _, _, x_test, y_test = dm.digits_split()
+    _, _, x_test, y_test = dm.digits_holdout()
     path = tmp_path / "digit.json"
     path.write_text(json.dumps(x_test[0].reshape(-1).tolist()), encoding="utf-8")  # flat row
     argv = ["predict", dm.DIGITS, "--model-repository", str(MODELS), "--file", str(path)]
@@ -231,7 +232,7 @@ def test_predict_a_digit_from_a_json_file(tmp_path: Path, capsys: Capsys) -> Non
 
 
 def test_evaluate_the_digits_classifier(tmp_path: Path, capsys: Capsys) -> None:
-    _, _, x_test, y_test = dm.digits_split()
+    _, _, x_test, y_test = dm.digits_holdout()
     path = tmp_path / "digits.csv"
     np.savetxt(path, np.c_[x_test.reshape(len(x_test), -1), y_test][:100], delimiter=",")
     argv = [

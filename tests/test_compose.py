@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from mcdrop.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

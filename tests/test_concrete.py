@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mcdrop.training.concrete import concrete_keep, entropy_penalty
 from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_line_csv
+
 from mcdrop.cli.main import main
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCOptions

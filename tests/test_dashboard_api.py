@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from http_helpers import serve, settings_for
+
 from mcdrop.api.dashboard import STATIC
 from mcdrop.training.demo_models import write_test_digits
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from mcdrop.config import Settings
 from mcdrop.errors import ModelNotFound
 from mcdrop.model import ServedModel
@@ -64,7 +65,7 @@ def _digits_mi(model: ServedModel, images: torch.Tensor) -> float:
 
 
 def test_digits_accuracy_and_mutual_information(digits: ServedModel) -> None:
-    _, _, x_test, y_test = dm.digits_split()
+    _, _, x_test, y_test = dm.digits_holdout()
     clean = torch.as_tensor(x_test, dtype=torch.float32)
     summary = digits.predict(clean, digits.options(50, seed=0))
     assert isinstance(summary, ClassificationSummary)

@@ -35,14 +35,15 @@ from kubernetes_helpers import (
     port_number,
     serve_config,
 )
+from packaging.specifiers import SpecifierSet
+from pydantic import ValidationError
+from starlette.routing import Match
+
 from mcdrop.api.admin import metrics
 from mcdrop.api.oip import live, ready
 from mcdrop.app import create_app
 from mcdrop.config import DEFAULT_SHUTDOWN_TIMEOUT_S as GRACEFUL_SHUTDOWN_S
 from mcdrop.config import Settings
-from packaging.specifiers import SpecifierSet
-from pydantic import ValidationError
-from starlette.routing import Match
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -658,10 +659,10 @@ def test_ray_service_serves_the_ray_builder() -> None:
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert attribute in functions, f"{RAY_MODULE} defines no top-level {attribute}()"
     # The builder's own argument check (pure, no Ray): every RayService's args must pass it.
-    split_app_args = importlib.import_module("mcdrop.ray_options").split_app_args
+    settings_and_options = importlib.import_module("mcdrop.ray_options").settings_and_options
     for ray_service in of_kind(manifests(), "RayService"):
         for app in serve_config(ray_service.doc)["applications"]:
-            split_app_args(app.get("args", {}))
+            settings_and_options(app.get("args", {}))
 
 
 def test_ray_version_matches_the_ray_extra() -> None:

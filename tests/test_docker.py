@@ -42,6 +42,7 @@ from docker_helpers import (
     wheels,
 )
 from http_helpers import SHIPPED, SlowModel, free_port, oip_body, write_slow_model
+
 from mcdrop.api.outputs import summary_outputs
 from mcdrop.config import Settings
 from mcdrop.model import ServedModel

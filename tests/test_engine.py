@@ -11,6 +11,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_program import Attention, DataDependent, FunctionalDropout
+from torch import Tensor, nn
+
 from mcdrop.engine.accumulators import LOG_VARIANCE_BOUND, MAX_VARIANCE, Accumulators, OutputHead
 from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
 from mcdrop.engine.masks import quantized_drop_probability
@@ -22,8 +25,6 @@ from mcdrop.uncertainty import (
     RegressionSummary,
     first_non_finite,
 )
-from test_stochastic import Attention, DataDependent, FunctionalDropout
-from torch import Tensor, nn
 
 
 def _linear(weights: list[float], bias: float, p: float) -> nn.Sequential:

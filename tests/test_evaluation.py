@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from torch import Tensor, nn
+
 from mcdrop import scoring
 from mcdrop.engine.core import MCEngine, MCOptions
 from mcdrop.errors import InvalidInput
@@ -23,7 +25,6 @@ from mcdrop.evaluation import (
 from mcdrop.model import ServedModel
 from mcdrop.repository.manifest import ModelSpec
 from mcdrop.uncertainty import RegressionSummary
-from torch import Tensor, nn
 
 Z95 = 1.959963984540054
 

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch import nn
+
 from mcdrop.errors import ModelLoadError
 from mcdrop.repository.architectures import build_cnn, build_mlp
 from mcdrop.repository.loading import load_module
 from mcdrop.repository.manifest import load_manifest
 from mcdrop.training.export import dumps_toml, write_model_folder
 from mcdrop.training.recipe import ClassifierConfig, TrainConfig, train_classifier, train_regressor
-from safetensors.torch import load_file
-from torch import nn
 
 
 def _line_data(rows: int = 30, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

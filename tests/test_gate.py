@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from http_helpers import asgi_call, copy_shipped, oip_body, serve, settings_for
+
 from mcdrop.api.gate import ENVELOPE_BYTES, JSON_BYTES_PER_VALUE, body_budget
 from mcdrop.config import Settings
 
@@ -141,3 +142,31 @@ async def test_a_content_length_that_is_not_a_number_gets_400(repo: Path, declar
     assert status == 400
     assert f"content-length: {declared!r} is not a byte count" in answer["error"]
     assert body.read == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/models/toy-regression/predict", {"rows": [[0.5]], "samples": 8}),
+        ("/v1/models/toy-regression/evaluate", {"rows": [[0.5]], "targets": [0.1], "samples": 8}),
+        ("/v2/models/toy-regression/infer", oip_body([[0.5]], {"mc_samples": 8})),
+        ("/v2/models/toy-regression/versions/1/infer", oip_body([[0.5]], {"mc_samples": 8})),
+    ],
+)
+async def test_a_request_looks_its_model_up_once(
+    repo: Path, path: str, body: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate's lookup is the one the route uses: no second lookup can see another version."""
+    async with serve(settings_for(repo)) as (app, client):
+        registry = app.state.registry
+        lookups: list[str] = []
+        real = registry.get
+
+        def counted(name: str, version: str | None = None) -> Any:
+            lookups.append(name)
+            return real(name, version)
+
+        monkeypatch.setattr(registry, "get", counted)
+        response = await client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert lookups == ["toy-regression"]

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import toml_table, write_mlp_model
+from safetensors.torch import save_file
+from torch import nn
+
 from mcdrop.errors import ModelLoadError
 from mcdrop.repository.architectures import build_cnn
 from mcdrop.repository.loading import load_module, read_safetensors, save_weights
 from mcdrop.repository.manifest import ModelSpec, load_manifest
-from safetensors.torch import save_file
-from torch import nn
 
 
 class _Exploit:

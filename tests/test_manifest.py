@@ -9,6 +9,7 @@ from typing import Any
 import pydantic
 import pytest
 from conftest import toml_table, toml_value
+
 from mcdrop.errors import ModelLoadError
 from mcdrop.repository.manifest import ModelSpec, load_manifest
 

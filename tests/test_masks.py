@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mcdrop.engine.masks import drop_threshold, keep_mask, quantized_drop_probability
 
 CPU = torch.device("cpu")

@@ -7,10 +7,11 @@ import re
 
 import pytest
 from conftest import classification_summary, regression_summary
-from mcdrop.serving import metrics as metrics_module
-from mcdrop.serving.metrics import NATS_BUCKETS, Metrics
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+
+from mcdrop.serving import metrics as metrics_module
+from mcdrop.serving.metrics import NATS_BUCKETS, Metrics
 
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

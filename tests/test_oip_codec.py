@@ -9,6 +9,9 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from numpy.typing import NDArray
+from tritonclient.http._utils import _get_inference_request
+
 from mcdrop.api.oip_codec import (
     DATATYPES,
     HEADER_LENGTH,
@@ -18,8 +21,6 @@ from mcdrop.api.oip_codec import (
     parse_infer_request,
 )
 from mcdrop.errors import InvalidInput
-from numpy.typing import NDArray
-from tritonclient.http._utils import _get_inference_request
 
 RNG = np.random.default_rng(0)
 

@@ -24,6 +24,9 @@ import tritonclient.http as triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from numpy.typing import NDArray
+from tritonclient.http._utils import _get_inference_request
+
 from mcdrop.api.oip_codec import (
     DATATYPES,
     HEADER_LENGTH,
@@ -34,8 +37,6 @@ from mcdrop.api.oip_codec import (
     parse_infer_request,
 )
 from mcdrop.errors import InvalidInput
-from numpy.typing import NDArray
-from tritonclient.http._utils import _get_inference_request
 
 # Bounded and derandomized: the same examples on every run (CI is stable, failures reproduce),
 # no example database written, and a per-example deadline far above the ~1 ms a parse takes, so

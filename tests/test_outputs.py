@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.http as triton
+from torch import nn
+
 from mcdrop.api.oip_codec import HEADER_LENGTH, RequestedOutput, encode_infer_response
 from mcdrop.api.outputs import (
     MAX_LEVELS,
@@ -22,7 +24,6 @@ from mcdrop.engine.core import MCEngine, MCOptions
 from mcdrop.errors import InvalidInput
 from mcdrop.repository.manifest import ModelSpec
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
-from torch import nn
 
 ROWS, FEATURES, TARGETS, CLASSES = 3, 4, 2, 5
 Task = Literal["regression", "classification"]

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import mcdrop
 import pytest
+
+import mcdrop
 
 SOURCE = Path(__file__).resolve().parents[1] / "service"
 PACKAGE = SOURCE / "mcdrop"

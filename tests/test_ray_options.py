@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mcdrop.ray_options import Autoscaling, RayOptions, split_app_args
 from pydantic import ValidationError
+
+from mcdrop.ray_options import Autoscaling, RayOptions, settings_and_options
 
 
 def test_fixed_replicas_with_fractional_resources() -> None:
@@ -70,7 +71,7 @@ def test_out_of_range_values_name_their_field(field: str, value: float) -> None:
 
 
 def test_app_args_split_into_settings_and_ray_options(tmp_path: Path) -> None:
-    settings, options = split_app_args(
+    settings, options = settings_and_options(
         {
             "model_repository": str(tmp_path),
             "device": "cpu",
@@ -88,12 +89,12 @@ def test_app_args_split_into_settings_and_ray_options(tmp_path: Path) -> None:
 
 def test_unknown_app_args_are_named() -> None:
     with pytest.raises(ValueError, match=r"unknown application argument\(s\) colour, replica;"):
-        split_app_args({"replica": 2, "colour": "blue"})
+        settings_and_options({"replica": 2, "colour": "blue"})
 
 
 def test_bad_settings_in_app_args_name_the_field() -> None:
     with pytest.raises(ValidationError, match="max_batch_rows"):
-        split_app_args({"max_batch_rows": 0})
+        settings_and_options({"max_batch_rows": 0})
 
 
 def test_build_app_refuses_an_address_argument() -> None:

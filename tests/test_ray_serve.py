@@ -19,8 +19,9 @@ import pytest
 import torch
 import tritonclient.http as triton
 from http_helpers import ROOT, copy_shipped, error_of, serve
-from mcdrop.repository.loading import save_weights
 from ray_helpers import RayCluster, pids_in, wait_until
+
+from mcdrop.repository.loading import save_weights
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -107,8 +108,9 @@ def test_cli_joins_the_cluster_serves_and_removes_only_its_app_on_sigterm(
 @pytest.fixture(scope="module")
 def deployed(ray_cluster: RayCluster, repository: Path) -> Iterator[str]:
     """The app as KubeRay deploys it (build_app with args): 2 replicas of 0.5 CPU. Its URL."""
-    from mcdrop.ray_serve import build_app
     from ray import serve
+
+    from mcdrop.ray_serve import build_app
 
     (repository.parent / "probe.pids").unlink(missing_ok=True)  # the CLI test's replica too
     args = {"model_repository": str(repository), "device": "cpu", "replicas": REPLICAS,

@@ -21,12 +21,13 @@ from conftest import (
     write_shard_test_models,
 )
 from http_helpers import decode_outputs, oip_body, serve, settings_for
+from ray_helpers import RayCluster, wait_until
+
 from mcdrop.config import Settings
 from mcdrop.engine.partials import Shard
 from mcdrop.model import ServedModel
 from mcdrop.shards.executor import ModelRef, run_sharded
 from mcdrop.uncertainty import RegressionSummary
-from ray_helpers import RayCluster, wait_until
 
 ACTORS = 2
 ACTOR_CPUS = 0.5
@@ -125,6 +126,7 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
     repo: Path, ray_cluster: RayCluster
 ) -> None:
     import ray
+
     from mcdrop.shards.ray_actors import RayShardExecutor
 
     free_before = free_cpus()
@@ -155,8 +157,9 @@ def test_a_killed_actor_restarts_and_the_request_still_answers(
 async def test_a_serve_replica_splits_large_requests_over_ray_actors(
     repo: Path, ray_cluster: RayCluster
 ) -> None:
-    from mcdrop.ray_serve import build_app
     from ray import serve as ray_serve
+
+    from mcdrop.ray_serve import build_app
 
     args = {"model_repository": str(repo), "device": "cpu", "replicas": 1, "num_cpus": 0.5,
             "shard_actors": ACTORS, "shard_num_cpus": ACTOR_CPUS,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import classification_summary, regression_summary, write_mlp_model
 from http_helpers import EngineSpy, settings_for
+
 from mcdrop.engine.core import MCRequest
 from mcdrop.model import ServedModel
 from mcdrop.serving.batching import BatchWorker

@@ -26,13 +26,14 @@ from http_helpers import (
     spy_engine,
     wait_for,
 )
+from numpy.typing import NDArray
+
 from mcdrop.api.outputs import summary_outputs
 from mcdrop.errors import ModelLoadError, ModelNotFound, NonFiniteOutput
 from mcdrop.model import ServedModel
 from mcdrop.serving.metrics import Metrics
 from mcdrop.serving.registry import ModelRegistry
 from mcdrop.uncertainty import RegressionSummary
-from numpy.typing import NDArray
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/mlp/infer"
@@ -242,23 +243,44 @@ async def test_without_polling_nothing_changes_until_index(repo: Path) -> None:
 # -- the registry directly ---------------------------------------------------------------------
 
 
+async def test_an_answer_names_the_version_that_computed_it_across_a_swap(repo: Path) -> None:
+    """A request that looked up version 1 just before a swap is run, and labelled, by 2."""
+    registry = ModelRegistry(settings_for(repo), Metrics())
+    await registry.start()
+    try:
+        looked_up = registry.get("mlp")
+        set_version(repo / "mlp", "2")
+        await registry.load("mlp")  # retires version 1's worker
+        rows = torch.tensor(ROW, dtype=torch.float64)
+        answer = await registry.infer(looked_up, rows, looked_up.model.options(seed=1))
+        pinned = registry.infer(looked_up, rows, looked_up.model.options(seed=1), version="1")
+        with pytest.raises(ModelNotFound, match="no version '1'"):
+            await pinned
+    finally:
+        await registry.close()
+    assert looked_up.model.spec.version == "1"
+    assert answer.model.spec.version == "2"
+    assert isinstance(answer.result, RegressionSummary)
+
+
 async def test_unload_then_infer_is_model_not_found(repo: Path) -> None:
     registry = ModelRegistry(settings_for(repo), Metrics())
     await registry.start()
     try:
-        model = registry.get("mlp").model
+        entry = registry.get("mlp")
+        model = entry.model
         rows = torch.tensor(ROW, dtype=torch.float64)
-        first = await registry.infer("mlp", None, rows, model.options(seed=1))
+        first = (await registry.infer(entry, rows, model.options(seed=1))).result
         await registry.unload("mlp")
         with pytest.raises(ModelNotFound, match="'mlp' is not loaded"):
-            await registry.infer("mlp", None, rows, model.options(seed=1))
+            await registry.infer(entry, rows, model.options(seed=1))
         with pytest.raises(ModelNotFound, match="'mlp'"):
             await registry.unload("mlp")
         with pytest.raises(ModelNotFound, match="'ghost'"):
             await registry.load("ghost")
         assert registry.status("mlp").state == "UNAVAILABLE"
         await registry.load("mlp")
-        again = await registry.infer("mlp", None, rows, model.options(seed=1))
+        again = (await registry.infer(registry.get("mlp"), rows, model.options(seed=1))).result
     finally:
         await registry.close()
     assert isinstance(first, RegressionSummary)

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import write_mlp_model
+
 from mcdrop.config import Settings
 from mcdrop.model import ServedModel
 from mcdrop.render import (

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_mlp_model
+
 from mcdrop.errors import ModelLoadError
 from mcdrop.repository.scan import scan_repository
 

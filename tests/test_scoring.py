@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mcdrop.engine.core import MCEngine, MCOptions
 from mcdrop.scoring import (
     accuracy,

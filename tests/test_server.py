@@ -26,6 +26,7 @@ from http_helpers import (
     wait_for,
     write_slow_model,
 )
+
 from mcdrop.config import Settings
 from mcdrop.server import control_state
 

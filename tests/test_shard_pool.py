@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +22,16 @@ from conftest import (
     write_shard_test_models,
 )
 from http_helpers import decode_outputs, oip_body, serve, settings_for, spy_engine
-from mcdrop.engine.partials import Shard
+from torch import nn
+
+from mcdrop.engine.core import MCRequest
+from mcdrop.engine.partials import PartialStats, Shard
 from mcdrop.model import ServedModel
 from mcdrop.repository.loading import save_weights
-from mcdrop.shards.executor import ModelRef, run_sharded
+from mcdrop.shards.executor import ModelRef, SerialExecutor, run_sharded
 from mcdrop.shards.pool import LocalShardPool
 from mcdrop.shards.worker import ShardFailed, ShardWorkerDied
 from mcdrop.uncertainty import RegressionSummary
-from torch import nn
 
 pytestmark = pytest.mark.slow  # spawns processes that import torch
 
@@ -142,6 +144,32 @@ def test_closing_stops_every_worker_and_refuses_more_work(repo: Path) -> None:
 
 
 # -- the served path -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_create_app_uses_the_shard_executor_it_is_handed(repo: Path) -> None:
+    """As a Ray Serve replica hands it Ray actors: the registry runs large-N requests there."""
+    ran: list[int] = []
+
+    class Counting(SerialExecutor):
+        def run_shards(
+            self, model: ModelRef, request: MCRequest, shards: Sequence[Shard]
+        ) -> list[PartialStats]:
+            ran.append(len(shards))
+            return super().run_shards(model, request, shards)
+
+    executor = Counting(lambda ref: ServedModel.load(ref.folder).engine, workers=2)
+    params = {"mc_samples": 600, "seed": 5}
+    settings = settings_for(repo, shard_threshold=512)
+    async with serve(settings, shard_executor=executor) as (app, client):
+        assert app.state.registry.shard_executor is executor
+        sharded = await client.post("/v2/models/cls/infer", json=oip_body(np.ones((2, 3)), params))
+    async with serve(settings_for(repo)) as (_, client):
+        whole = await client.post("/v2/models/cls/infer", json=oip_body(np.ones((2, 3)), params))
+    assert ran == [2]
+    expected = decode_outputs(whole)
+    for name, value in decode_outputs(sharded).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 @pytest.mark.anyio

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mcdrop.engine.core import MCOptions, MCRequest
 from mcdrop.engine.partials import PartialStats, Shard
 from mcdrop.shards.executor import ModelRef

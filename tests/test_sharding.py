@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
+
 from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
 from mcdrop.engine.partials import PartialStats, Shard, finish, merge_partials
 from mcdrop.engine.streaming import BLOCK
 from mcdrop.repository.architectures import build_mlp
 from mcdrop.shards.executor import ModelRef, SerialExecutor, plan_shards, run_sharded
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary, Summary
-from torch import Tensor
 
 REF = ModelRef("m", Path("."), "fingerprint")
 

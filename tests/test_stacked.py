@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from mcdrop.repository.architectures import build_mlp
 from mcdrop.training.recipe import TrainConfig, train_regressor, weight_decay
 from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
-from torch import Tensor
 
 
 def _data(rows: int = 50, features: int = 3) -> tuple[Tensor, Tensor]:

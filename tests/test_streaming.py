@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from mcdrop.engine.streaming import BLOCK, StreamingLogMeanExp, StreamingMoments, round_up
 
 CPU = torch.device("cpu")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mcdrop.cli.tables import TableError, load_table, parse_columns, read_table, select_columns
 from mcdrop.errors import InvalidInput
 

@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
+from torch import nn
+
 from mcdrop.engine.core import MCEngine, MCOptions
 from mcdrop.engine.tracing import TraceLock, symbolic_trace
 from mcdrop.uncertainty import RegressionSummary
-from torch import nn
 
 
 def _started(target: object) -> threading.Thread:

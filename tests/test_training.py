@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
+from torch import nn
+
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCOptions
 from mcdrop.model import ServedModel
@@ -24,8 +27,6 @@ from mcdrop.training.recipe import (
     weight_decay,
 )
 from mcdrop.uncertainty import RegressionSummary
-from pydantic import ValidationError
-from torch import nn
 
 
 def _line_data(rows: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from http_helpers import ServerProcess, copy_shipped, settings_for, start_server
+
 from mcdrop.errors import InvalidInput, ModelLoadError
 from mcdrop.model import ServedModel
 from mcdrop.repository.scan import check_model_name, model_folder, scan_repository

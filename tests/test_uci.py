@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mcdrop.engine.core import MCEngine, MCOptions
-from mcdrop.training.stacked import StackedMLP
-from mcdrop.uncertainty import RegressionSummary
 
 from bench.uci_protocol import (
     UCIProtocol,
+    holdout_rows,
     load_dataset,
     mc_scores,
     run_dataset,
     standard_error,
-    validation_split,
 )
+from mcdrop.engine.core import MCEngine, MCOptions
+from mcdrop.training.stacked import StackedMLP
+from mcdrop.uncertainty import RegressionSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_UCI = ROOT.parent / "shared" / "uci"  # ../shared/uci next to the clone
@@ -75,11 +75,11 @@ def test_load_dataset_names_the_bad_file(tmp_path: Path) -> None:
 
 def test_validation_rows_are_the_last_fifth_in_file_order() -> None:
     train = np.array([9, 3, 7, 1, 5, 0, 2, 8, 4, 6])
-    fit, val = validation_split(train, 0.2)
+    fit, val = holdout_rows(train, 0.2)
     assert fit.tolist() == [9, 3, 7, 1, 5, 0, 2, 8]
     assert val.tolist() == [4, 6]
     with pytest.raises(ValueError, match="validation_fraction"):
-        validation_split(train, 0.0)
+        holdout_rows(train, 0.0)
 
 
 def test_standard_error_by_hand() -> None:

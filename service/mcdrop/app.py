@@ -17,13 +17,20 @@ from mcdrop.api.middleware import CancelledAsUnavailable, RequestMetrics
 from mcdrop.config import Settings
 from mcdrop.serving.metrics import Metrics
 from mcdrop.serving.registry import ModelRegistry
+from mcdrop.shards.executor import ShardExecutor
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """A new application over settings.model_repository; nothing loads until startup."""
+def create_app(
+    settings: Settings | None = None, *, shard_executor: ShardExecutor | None = None
+) -> FastAPI:
+    """A new application over settings.model_repository; nothing loads until startup.
+
+    shard_executor runs large-N requests in shards (e.g. Ray actors); without one, the
+    settings' shard_workers start local processes, or nothing is sharded.
+    """
     settings = settings or Settings()
     metrics = Metrics()
-    registry = ModelRegistry(settings, metrics)
+    registry = ModelRegistry(settings, metrics, shard_executor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     inference_token: str | None = Field(None, description="bearer token for inference")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
     shard_workers: int = Field(
-        0, ge=0, description="local processes that split large-N requests; 0 = never split"
+        0, ge=0, description="local processes that run large-N requests in shards; 0 = never"
     )
     shard_threshold: int = Field(
-        10_000, ge=64, description="requests with more samples than this are split across them"
+        10_000, ge=64, description="requests with more samples than this run in shards across them"
     )

@@ -60,7 +60,7 @@ class RayOptions(BaseModel):
     )
     address: str | None = Field(None, description="an existing cluster ('auto', HOST:PORT)")
     shard_actors: int = Field(
-        0, ge=0, description="Ray actors per replica that split large-N requests; 0 = none"
+        0, ge=0, description="Ray actors per replica that run large-N requests in shards; 0 = none"
     )
     shard_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per shard actor")
 
@@ -91,7 +91,7 @@ class RayOptions(BaseModel):
         return options
 
 
-def split_app_args(args: Mapping[str, Any]) -> tuple[Settings, RayOptions]:
+def settings_and_options(args: Mapping[str, Any]) -> tuple[Settings, RayOptions]:
     """A Ray Serve application's `args` -> (the service's Settings, the Ray options).
 
     Keys of RayOptions go there, every other key is a Settings field (model_repository,

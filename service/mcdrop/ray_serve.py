@@ -21,7 +21,7 @@ from ray.serve import Application
 
 from mcdrop.app import create_app
 from mcdrop.config import Settings
-from mcdrop.ray_options import APP_NAME, RayOptions, split_app_args
+from mcdrop.ray_options import APP_NAME, RayOptions, settings_and_options
 from mcdrop.server import urls
 from mcdrop.shards.ray_actors import RayShardExecutor
 
@@ -35,13 +35,11 @@ class McdropReplica:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Serve calls this inside the replica, then runs the app's lifespan there."""
-        app = create_app(self._settings)
         actors, num_cpus = self._shards
-        if actors:  # large-N requests split over Ray actors instead of local processes
-            app.state.registry.shard_executor = RayShardExecutor(
-                actors, self._settings, num_cpus=num_cpus
-            )
-        return app
+        executor = None  # large-N requests in shards on Ray actors instead of local processes
+        if actors:
+            executor = RayShardExecutor(actors, self._settings, num_cpus=num_cpus)
+        return create_app(self._settings, shard_executor=executor)
 
 
 def application(settings: Settings, options: RayOptions) -> Application:
@@ -60,7 +58,7 @@ def build_app(args: Mapping[str, Any]) -> Application:
     cluster's proxy, not these settings, decides where the app listens, so `host` defaults to
     0.0.0.0 here: repository control then needs a control token (docs/security.md).
     """
-    settings, options = split_app_args({"host": "0.0.0.0", **args})
+    settings, options = settings_and_options({"host": "0.0.0.0", **args})
     if options.address is not None:
         raise ValueError("address: not an application argument (the cluster is already chosen)")
     return application(settings, options)

@@ -14,10 +14,23 @@ from fastapi import Request
 
 from mcdrop.config import Settings
 from mcdrop.errors import ClientGone, Forbidden, InvalidInput, Unauthorized
-from mcdrop.serving.registry import ModelRegistry
+from mcdrop.serving.registry import ModelEntry, ModelRegistry
 
 T = TypeVar("T")
 TIMEOUT_HEADER = "x-request-timeout-ms"
+
+
+MODEL_ENTRY = "model_entry"  # request.state key: the entry the gate looked up for this request
+
+
+def model_entry(request: Request, name: str, version: str | None = None) -> ModelEntry:
+    """The request's model, looked up once: the gate's lookup when it made one, else now."""
+    entry: ModelEntry | None = getattr(request.state, MODEL_ENTRY, None)
+    if entry is None or entry.model.spec.name != name:
+        return registry_of(request).get(name, version)
+    if version is not None and version != entry.model.spec.version:
+        return registry_of(request).get(name, version)  # raises, naming what is served
+    return entry
 
 
 def registry_of(request: Request) -> ModelRegistry:

@@ -16,7 +16,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcdrop.api.deps import byte_count, check_token
+from mcdrop.api.deps import MODEL_ENTRY, byte_count, check_token
 from mcdrop.api.errors import error_response
 from mcdrop.config import Settings
 from mcdrop.errors import ServiceError
@@ -67,10 +67,12 @@ class RequestGate:
             try:
                 check_token(headers.get("authorization"), self.settings.inference_token,
                             "inference")  # fmt: skip
-                spec = self.registry.get(match["v1"] or match["v2"]).model.spec
+                entry = self.registry.get(match["v1"] or match["v2"])
             except ServiceError as exc:
                 await error_response(exc.status_code, str(exc))(scope, receive, send)
                 return
+            scope.setdefault("state", {})[MODEL_ENTRY] = entry  # the request's one lookup
+            spec = entry.model.spec
             budget = body_budget(spec)
             if budget < limit:
                 limit = budget

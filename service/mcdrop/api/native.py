@@ -15,13 +15,20 @@ import torch
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from mcdrop.api.deps import deadline, registry_of, require_inference_token, unless_disconnected
+from mcdrop.api.deps import (
+    deadline,
+    model_entry,
+    registry_of,
+    require_inference_token,
+    unless_disconnected,
+)
 from mcdrop.api.errors import ERROR_RESPONSES
 from mcdrop.errors import InvalidInput, ModelNotFound
 from mcdrop.evaluation import evaluate
 from mcdrop.model import ServedModel
 from mcdrop.render import summary_meta, summary_rows
 from mcdrop.serving.registry import ModelStatus
+from mcdrop.uncertainty import Summary
 
 router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
 Rows = list[Any]
@@ -118,33 +125,34 @@ def _options(model: ServedModel, body: MCParameters) -> Any:
 )
 async def predict(name: str, body: PredictRequest, request: Request) -> Response:
     """MC prediction: mean and uncertainty per row, in the model's raw units."""
-    registry = registry_of(request)
-    model = registry.get(name).model
+    entry = model_entry(request, name)
     request.state.metric = (name, "predict")  # only known models get series
     rows = _tensor(body.rows, "rows")
-    work = registry.infer(name, None, rows, _options(model, body),
-                          deadline=deadline(request, body.timeout_ms))  # fmt: skip
-    summary = await unless_disconnected(request, work)
-    answer = {"model": name, "version": model.spec.version, **summary_meta(summary),
-              "predictions": summary_rows(summary, model.spec)}  # fmt: skip
+    work = registry_of(request).infer(entry, rows, _options(entry.model, body),
+                                      deadline=deadline(request, body.timeout_ms))  # fmt: skip
+    answer = await unless_disconnected(request, work)
+    summary: Summary = answer.result
+    spec = answer.model.spec  # the version that computed it (a swap may have passed it on)
+    document = {"model": name, "version": spec.version, **summary_meta(summary),
+                "predictions": summary_rows(summary, spec)}  # fmt: skip
     # Built by hand: validating the response model again would cost more than the engine.
-    return Response(json.dumps(answer, allow_nan=False), media_type="application/json")
+    return Response(json.dumps(document, allow_nan=False), media_type="application/json")
 
 
 @router.post("/v1/models/{name}/evaluate", dependencies=[Depends(require_inference_token)])
 async def evaluate_model(name: str, body: EvaluateRequest, request: Request) -> dict[str, Any]:
     """Score the model on rows with known targets: the metrics of `mcdrop evaluate`."""
-    registry = registry_of(request)
-    entry = registry.get(name)
+    entry = model_entry(request, name)
     model, recent = entry.model, entry.recent
     request.state.metric = (name, "evaluate")
     rows, targets = _tensor(body.rows, "rows"), _tensor(body.targets, "targets")
     if len(rows) != len(targets):
         raise InvalidInput(f"targets: {len(targets)} given for {len(rows)} rows")
     options = _options(model, body)
-    work = registry.call(name, None, lambda m: evaluate(m, rows, targets, options).as_dict(),
-                         deadline(request, body.timeout_ms))  # fmt: skip
-    report: dict[str, Any] = await unless_disconnected(request, work)
+    work = registry_of(request).call(
+        entry, lambda m: evaluate(m, rows, targets, options).as_dict(),
+        deadline(request, body.timeout_ms))  # fmt: skip
+    report: dict[str, Any] = (await unless_disconnected(request, work)).result
     recent.record_calibration(report)  # kept for GET .../calibration (live view)
     return report
 

@@ -11,6 +11,7 @@ from mcdrop import __version__
 from mcdrop.api.deps import (
     byte_count,
     deadline,
+    model_entry,
     registry_of,
     require_control_token,
     require_inference_token,
@@ -28,6 +29,7 @@ from mcdrop.api.outputs import (
 from mcdrop.engine.core import MCOptions
 from mcdrop.errors import InvalidInput
 from mcdrop.model import ServedModel
+from mcdrop.uncertainty import Summary
 
 router = APIRouter(tags=["open inference protocol"], responses=ERROR_RESPONSES)
 HEADER_LENGTH = "inference-header-content-length"
@@ -184,8 +186,8 @@ def mc_options(model: ServedModel, params: dict[str, Any]) -> MCOptions:
 )
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """MC inference over the rows of the single input tensor 'input'."""
-    registry = registry_of(request)
-    model = registry.get(name, version).model
+    entry = model_entry(request, name, version)
+    model = entry.model
     request.state.metric = (name, "oip_infer")  # only known models get series
     header = request.headers.get(HEADER_LENGTH)
     header_length = None if header is None else byte_count(header)
@@ -201,15 +203,15 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     if timeout_us is not None and timeout_us <= 0:
         raise InvalidInput(f"parameter 'timeout': {timeout_us} is not a positive microsecond count")
     limit = deadline(request, None if timeout_us is None else timeout_us / 1000.0)
-    summary = await unless_disconnected(
-        request, registry.infer(name, version, rows, options, deadline=limit)
-    )
+    work = registry_of(request).infer(entry, rows, options, deadline=limit, version=version)
+    answer = await unless_disconnected(request, work)
+    summary: Summary = answer.result
     chosen, binary = select_outputs(
         summary_outputs(summary), parsed.outputs, name, parsed.binary_output_default
     )
     params = {"mc_samples": summary.samples_used, "seed": summary.seed}
     body, headers = encode_infer_response(
-        name, model.spec.version, parsed.id, chosen, params, binary
+        name, answer.model.spec.version, parsed.id, chosen, params, binary
     )
     return Response(body, headers=headers)
 

@@ -112,7 +112,7 @@ def _load_json(header: bytes | memoryview) -> Any:
         raise InvalidInput(f"malformed JSON: {exc}") from exc
 
 
-def _split(body: bytes, header_length: int | None) -> tuple[memoryview, memoryview]:
+def _header_and_tail(body: bytes, header_length: int | None) -> tuple[memoryview, memoryview]:
     """The JSON header and the binary tail of a body."""
     view = memoryview(body)
     if header_length is None:
@@ -272,7 +272,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
 
     Raises InvalidInput naming the input or field and the problem.
     """
-    header, tail = _split(body, header_length)
+    header, tail = _header_and_tail(body, header_length)
     doc = _load_json(header)
     if not isinstance(doc, dict):
         raise InvalidInput(f"request: must be a JSON object, got {_short(doc)}")

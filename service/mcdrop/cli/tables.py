@@ -30,7 +30,7 @@ class Table:
     names: list[str] | None
 
 
-def _split(line: str, comma: bool) -> list[str]:
+def _cells(line: str, comma: bool) -> list[str]:
     if comma:
         return [cell.strip() for cell in next(csv.reader([line]))]
     return line.split()
@@ -71,7 +71,7 @@ def load_table(path: Path | str, header: bool | None = None) -> Table:
 
     names: list[str] | None = None
     first_number, first_line = lines[0]
-    first_cells = _split(first_line, comma)
+    first_cells = _cells(first_line, comma)
     is_header = header if header is not None else any(_number(c) is None for c in first_cells)
     if is_header:
         names = first_cells
@@ -83,7 +83,7 @@ def load_table(path: Path | str, header: bool | None = None) -> Table:
     width_line = first_number
     rows: list[list[float]] = []
     for number, line in lines:
-        cells = _split(line, comma)
+        cells = _cells(line, comma)
         if len(cells) != width:
             raise TableError(
                 f"{path}, line {number}: {len(cells)} columns, expected {width} "

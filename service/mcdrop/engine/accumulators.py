@@ -75,16 +75,16 @@ class Accumulators:
     def _features(self, out: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-sample features [R, S, F] and, for regression, per-sample variance or None."""
         out = out.to(torch.float64)
-        eng = self.head
-        if eng.task == "classification":
+        head = self.head
+        if head.task == "classification":
             return classification_features(out), None
-        d = out.shape[-1] // 2 if eng.heteroscedastic else out.shape[-1]
+        d = out.shape[-1] // 2 if head.heteroscedastic else out.shape[-1]
         mean = out[..., :d]
-        var = self._variance(out[..., d:]) if eng.heteroscedastic else None
-        if eng.scale is not None:
-            mean = mean * eng.scale
-        if eng.shift is not None:
-            mean = mean + eng.shift
+        var = self._variance(out[..., d:]) if head.heteroscedastic else None
+        if head.scale is not None:
+            mean = mean * head.scale
+        if head.shift is not None:
+            mean = mean + head.shift
         return (mean if var is None else torch.cat([mean, var], -1)), var
 
     def _variance(self, log_var: Tensor) -> Tensor:

@@ -21,8 +21,8 @@ from mcdrop.config import DEFAULT_CHUNK_ELEMENTS
 from mcdrop.engine.accumulators import Accumulators, OutputHead
 from mcdrop.engine.allocator import keep_freed_memory
 from mcdrop.engine.partials import PartialStats, Shard
-from mcdrop.engine.partition import SplitProgram
-from mcdrop.engine.program import prepare
+from mcdrop.engine.partition import PartitionedProgram
+from mcdrop.engine.program import prepare_program
 from mcdrop.engine.sampling import RowKeys, SamplingContext, Site
 from mcdrop.engine.sites import SampleSelection
 from mcdrop.engine.streaming import BLOCK, round_up
@@ -130,7 +130,7 @@ class MCEngine:
         self.input_shape = tuple(input_shape)
         self.chunk_elements = chunk_elements
         module = module.to(self.device, self.dtype).eval()
-        self.program = prepare(module, self.input_shape, sample, self.dtype)
+        self.program = prepare_program(module, self.input_shape, sample, self.dtype)
         self.head = OutputHead(
             task,
             heteroscedastic,
@@ -149,7 +149,7 @@ class MCEngine:
     def _compile(self) -> None:
         """torch.compile the prefix and suffix (masks stay eager) and warm them up at load."""
         program = self.program
-        if isinstance(program, SplitProgram):
+        if isinstance(program, PartitionedProgram):
             program.prefix = torch.compile(program.prefix, dynamic=True)
             program.suffix = torch.compile(program.suffix, dynamic=True)
         else:

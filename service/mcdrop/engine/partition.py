@@ -1,4 +1,4 @@
-"""Split a traced model into a deterministic prefix (once per row) and a sampled suffix.
+"""Partition a traced model into a deterministic prefix (once per row) and a sampled suffix.
 
 With torch.fx every sampled op is rewritten to draw its masks from a SamplingContext;
 nodes that no sampled op influences form the prefix, the rest the suffix, which runs on
@@ -75,8 +75,8 @@ def _closure(starts: list[fx.Node]) -> set[fx.Node]:
 
 
 @dataclass
-class SplitProgram:
-    """A traced model split at its first sampled op; see the module docstring."""
+class PartitionedProgram:
+    """A traced model partitioned at its first sampled op; see the module docstring."""
 
     prefix: Callable[..., Any]  # x [B, *input] -> tuple of boundary values (a GraphModule)
     suffix: Callable[..., Any]  # (*boundary values, ctx) -> outputs for R*S rows
@@ -94,10 +94,10 @@ class SplitProgram:
         return out
 
 
-def split_program(
+def partition_program(
     module: nn.Module, input_shape: tuple[int, ...], sample: SampleSelection, dtype: torch.dtype
-) -> SplitProgram:
-    """Trace `module` with fx and split it into prefix and suffix (raises if it cannot)."""
+) -> PartitionedProgram:
+    """Trace `module` with fx and partition it into prefix and suffix (raises if it cannot)."""
     gm = symbolic_trace(module)
     found = find_sites(gm)
     chosen = {found[i].node for i in select_sites([f.site.name for f in found], sample)}
@@ -177,7 +177,7 @@ def split_program(
     graph.output(fx.node.map_arg(out_node.args[0], value))
 
     row_elements = max([example.row_elements(n) for n in suffix_nodes] + [1])
-    return SplitProgram(
+    return PartitionedProgram(
         prefix=prefix,
         suffix=fx.GraphModule(gm, graph),
         batched=[n in depends_on_input for n in boundary],

@@ -81,7 +81,7 @@ class SamplingContext:
             mask = mask[self.keys.shared_index.to(mask.device)]
         return mask
 
-    def _split(self, x: Tensor) -> Tensor:
+    def _rows_by_sample(self, x: Tensor) -> Tensor:
         """View x ([R*S, ...] expanded, or [R, ...] not yet expanded) as [R, S or 1, ...]."""
         if x.shape[0] == self.n_rows * self.samples:
             return x.view(self.n_rows, self.samples, *x.shape[1:])
@@ -102,7 +102,7 @@ class SamplingContext:
 
     def apply(self, index: int, x: Tensor, kind: SiteKind, p: float) -> Tensor:
         """Dropout of `kind` with drop probability p, masks keyed by site `index`."""
-        xs = self._split(x)
+        xs = self._rows_by_sample(x)
         row_shape = tuple(xs.shape[2:])
         if kind in ("channel", "feature_alpha"):
             elem_shape = row_shape[:1] + (1,) * (len(row_shape) - 1)
@@ -120,7 +120,7 @@ class SamplingContext:
     def attention_dropout(self, index: int, weights: Tensor) -> Tensor:
         """Dropout on attention probabilities [R*S, ...] (batch first) at site `index`."""
         site = self.sites[index]
-        ws = self._split(weights)
+        ws = self._rows_by_sample(weights)
         scale = 1.0 / (1.0 - quantized_drop_probability(site.p))
         return self._merge(ws * self.keep(index, tuple(ws.shape[2:]), site.p, scale).to(ws.dtype))
 

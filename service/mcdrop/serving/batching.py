@@ -269,11 +269,11 @@ class BatchWorker:
         try:
             result = self.shard_router.run(self.model.engine, request)
         except ServiceError as exc:  # a shard worker died or failed: its message says which
-            log.error("model '%s': split request failed: %s", self.name, exc)
+            log.error("model '%s': sharded request failed: %s", self.name, exc)
             job.settle(error=exc)
             return
         except Exception:
-            log.exception("model '%s' failed on a split request", self.name)
+            log.exception("model '%s' failed on a sharded request", self.name)
             job.settle(error=_internal(self.name))
             return
         self._answer([job], [result], started, time.monotonic() - t0)

@@ -31,7 +31,6 @@ from mcdrop.serving.metrics import Metrics
 from mcdrop.serving.recent import RecentUncertainty
 from mcdrop.shards.executor import ModelRef, ShardExecutor, ShardRouter
 from mcdrop.shards.pool import LocalShardPool
-from mcdrop.uncertainty import Summary
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,14 @@ class ModelStatus:
     version: str | None = None
     spec: ModelSpec | None = None
     error: str | None = None  # the last load failure (an older version may still serve)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a model's worker returned, and the model version that computed it."""
+
+    result: Any
+    model: ServedModel
 
 
 @dataclass
@@ -262,49 +269,56 @@ class ModelRegistry:
 
     async def infer(
         self,
-        name: str,
-        version: str | None,
+        entry: ModelEntry,
         rows: Tensor,
         options: MCOptions,
         targets: Tensor | None = None,
         deadline: float | None = None,
-    ) -> Summary:
-        """Run one request through the model's batching worker (validated first)."""
+        *,
+        version: str | None = None,
+    ) -> Answer:
+        """Run one request on the entry's batching worker (validated first).
 
-        def submit(entry: ModelEntry) -> asyncio.Future[Any]:
-            return entry.worker.submit(entry.model.request(rows, options, targets), deadline)
+        The entry is the one the request looked up; `version` is the one its client pinned,
+        if any, which a successor must match when a swap retires the entry's worker.
+        """
 
-        result: Summary = await self._on_worker(name, version, submit, deadline)
-        return result
+        def submit(target: ModelEntry) -> asyncio.Future[Any]:
+            return target.worker.submit(target.model.request(rows, options, targets), deadline)
+
+        return await self._on_worker(entry, version, submit, deadline)
 
     async def call(
         self,
-        name: str,
-        version: str | None,
+        entry: ModelEntry,
         fn: Callable[[ServedModel], Any],
         deadline: float | None = None,
-    ) -> Any:
-        """Run fn(model) on the model's worker thread (alone)."""
+        *,
+        version: str | None = None,
+    ) -> Answer:
+        """Run fn(model) on the entry's worker thread (alone)."""
 
-        def submit(entry: ModelEntry) -> asyncio.Future[Any]:
-            return entry.worker.submit_call(functools.partial(fn, entry.model), deadline)
+        def submit(target: ModelEntry) -> asyncio.Future[Any]:
+            return target.worker.submit_call(functools.partial(fn, target.model), deadline)
 
-        return await self._on_worker(name, version, submit, deadline)
+        return await self._on_worker(entry, version, submit, deadline)
 
     async def _on_worker(
         self,
-        name: str,
+        entry: ModelEntry,
         version: str | None,
         submit: Callable[[ModelEntry], asyncio.Future[Any]],
         deadline: float | None,
-    ) -> Any:
-        """Submit to the serving entry's worker; if a swap retired it, to its successor."""
+    ) -> Answer:
+        """Submit to the entry's worker; if a swap retired it, to its successor."""
+        name = entry.model.spec.name
         for _ in range(3):
             try:
-                future = submit(self.get(name, version))
-            except WorkerClosed:
-                continue  # swapped while we looked it up: the successor takes it
-            return await _await(future, deadline)
+                future = submit(entry)
+            except WorkerClosed:  # swapped since the lookup: the successor takes it
+                entry = self.get(name, version)
+                continue
+            return Answer(await _await(future, deadline), entry.model)
         raise WorkerClosed(f"model '{name}' is being replaced; retry")
 
 

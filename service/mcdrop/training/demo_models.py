@@ -118,7 +118,7 @@ def generate_toy_regression(out: Path, *, epochs: int = TOY_EPOCHS, seed: int = 
 # --- digits -------------------------------------------------------------------------------
 
 
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def digits_holdout() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits as raw pixels 0..16 [N, 1, 8, 8] and labels [N].
 
     A fixed split without randomness: every 4th image (index % 4 == 0) is held out.
@@ -151,7 +151,7 @@ def add_noise(images: Tensor | np.ndarray, std: float = 4.0, seed: int = 0) -> T
 
 def generate_digits(out: Path, *, epochs: int = DIGITS_EPOCHS, seed: int = 0) -> Path:
     """Train and write `out/digits`; the same seed gives the same bytes."""
-    x_train, y_train, _, _ = digits_split()
+    x_train, y_train, _, _ = digits_holdout()
     config = ClassifierConfig(epochs=epochs, batch_size=64, lr=3e-3, weight_decay=1e-4, seed=seed)
 
     def build() -> nn.Module:
@@ -255,7 +255,7 @@ def demo_text(settings: Settings) -> str:
 
 
 def _digits_demo(model: ServedModel) -> list[str]:
-    _, _, x_test, y_test = digits_split()
+    _, _, x_test, y_test = digits_holdout()
     index = int(np.flatnonzero(y_test == 7)[0])
     clean = torch.as_tensor(x_test[index : index + 1], dtype=torch.float32)
     cases = {

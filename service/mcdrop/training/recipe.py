@@ -181,7 +181,7 @@ def train_regressor(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
-        train_rows, val_rows = _split(x_all.shape[0], config.validation_fraction, generator)
+        train_rows, val_rows = _holdout(x_all.shape[0], config.validation_fraction, generator)
         x_mean, x_std = _moments(x_all[train_rows], dim=(0,))
         y_mean, y_std = _moments(y_all[train_rows], dim=(0,))
         x_norm = _apply(x_all, x_mean, x_std).float()
@@ -259,7 +259,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
-        train_rows, val_rows = _split(x_all.shape[0], config.validation_fraction, generator)
+        train_rows, val_rows = _holdout(x_all.shape[0], config.validation_fraction, generator)
         if config.standardize:
             x_mean, x_std = _moments(x_all[train_rows], dim=channel_dims)
         else:
@@ -366,7 +366,7 @@ def _float64(name: str, values: ArrayLike) -> Tensor:
     return tensor
 
 
-def _split(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _holdout(n: int, fraction: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Seeded train/validation row indices; no validation rows when fraction is 0."""
     if fraction == 0:
         return torch.arange(n), torch.arange(0)

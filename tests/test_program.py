@@ -7,12 +7,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from mcdrop.engine.fallback import WholeProgram
-from mcdrop.engine.partition import SplitProgram
-from mcdrop.engine.program import prepare
+from mcdrop.engine.partition import PartitionedProgram
+from mcdrop.engine.program import prepare_program
 from mcdrop.engine.sites import select_sites
 from mcdrop.errors import ModelLoadError
-from torch import Tensor, nn
 
 
 class FunctionalDropout(nn.Module):
@@ -76,7 +77,7 @@ class DataDependent(nn.Module):
 
 
 def _kinds(model: nn.Module, shape: tuple[int, ...]) -> list[tuple[str, str, float]]:
-    program = prepare(model, shape, "all", torch.float32)
+    program = prepare_program(model, shape, "all", torch.float32)
     return [(s.name, s.kind, s.p) for s in program.sites]
 
 
@@ -105,7 +106,7 @@ def test_functional_and_attention_dropout_are_found() -> None:
 
 def test_a_model_without_stochastic_ops_is_refused_with_a_clear_message() -> None:
     with pytest.raises(ModelLoadError, match="no stochastic op"):
-        prepare(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)), (2,), "all", torch.float32)
+        prepare_program(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.0)), (2,), "all", torch.float32)
 
 
 def test_selection_by_last_and_by_name() -> None:
@@ -121,8 +122,8 @@ def test_prefix_stops_at_the_first_sampled_op_and_the_rest_is_suffix() -> None:
     model = nn.Sequential(
         nn.Linear(3, 4), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4, 4), nn.Dropout(0.5)
     )
-    program = prepare(model, (3,), "last", torch.float32)
-    assert isinstance(program, SplitProgram)
+    program = prepare_program(model, (3,), "last", torch.float32)
+    assert isinstance(program, PartitionedProgram)
     assert isinstance(program.prefix, torch.fx.GraphModule)
     prefix_code = program.prefix.code
     assert 'getattr(self, "3")' in prefix_code  # the unselected dropout is identity, so 3 is prefix
@@ -132,21 +133,21 @@ def test_prefix_stops_at_the_first_sampled_op_and_the_rest_is_suffix() -> None:
 
 def test_residual_and_size_values_cross_the_boundary_correctly() -> None:
     for model, shape in [(Residual(), (4,)), (FunctionalDropout(), (4,))]:
-        program = prepare(model, shape, "all", torch.float32)
-        assert isinstance(program, SplitProgram)
+        program = prepare_program(model, shape, "all", torch.float32)
+        assert isinstance(program, PartitionedProgram)
 
 
 def test_untraceable_models_and_torchscript_fall_back_to_whole_programs() -> None:
-    assert isinstance(prepare(DataDependent(), (3,), "all", torch.float32), WholeProgram)
+    assert isinstance(prepare_program(DataDependent(), (3,), "all", torch.float32), WholeProgram)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.25)))
-    program = prepare(scripted, (3,), "all", torch.float32)
+    program = prepare_program(scripted, (3,), "all", torch.float32)
     assert isinstance(program, WholeProgram)
     assert [(s.name, s.kind, s.p) for s in program.sites] == [("dropout_call0", "dropout", 0.25)]
 
 
 def test_preparing_leaves_every_module_in_eval_mode() -> None:
     model = Attention().train()
-    prepare(model, (5, 8), "all", torch.float32)
+    prepare_program(model, (5, 8), "all", torch.float32)
     assert not any(m.training for m in model.modules())
