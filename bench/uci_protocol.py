@@ -24,6 +24,7 @@ from tqdm import tqdm
 from mcdrop import scoring
 from mcdrop.config import DEFAULT_CHUNK_ELEMENTS
 from mcdrop.engine.core import MaskMode, MCEngine, MCOptions
+from mcdrop.training.recipe import standardisation, standardise
 from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 from mcdrop.uncertainty import RegressionSummary
 
@@ -163,11 +164,13 @@ def standardised(dataset: UCIDataset, fit: np.ndarray) -> ScaledSplit:
     code did; a constant column is left unscaled)."""
     x = torch.from_numpy(dataset.x)
     y = torch.from_numpy(dataset.y)[:, None]
-    x_mean, x_std = x[fit].mean(0), x[fit].std(0, correction=0)
-    x_std = torch.where(x_std > 0, x_std, torch.ones_like(x_std))
-    y_mean, y_std = float(y[fit].mean()), float(y[fit].std(correction=0)) or 1.0
+    x_mean, x_std = standardisation(x[fit])
+    y_mean, y_std = standardisation(y[fit])
     return ScaledSplit(
-        ((x - x_mean) / x_std).float(), ((y - y_mean) / y_std).float(), y_mean, y_std
+        standardise(x, x_mean, x_std).float(),
+        standardise(y, y_mean, y_std).float(),
+        float(y_mean),
+        float(y_std),
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_line_csv
+from http_helpers import copy_shipped, start_server
 
 from mcdrop.cli.main import main
 from mcdrop.config import Settings
@@ -381,6 +382,38 @@ def test_bad_files_and_training_options(csv_file: Path, tmp_path: Path, capsys: 
         _train_argv(csv_file, "x", "--tau", "1", "--dropout", "1.5"),
     )
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model", "rows", "flags"),
+    [
+        (
+            "toy-regression",
+            "[[-3.0], [0.5], [2.0]]",
+            ["--interval", "0.9", "--return-samples", "2"],
+        ),
+        ("digits", json.dumps([[0.0] * 64, [8.0] * 64]), ["--mask-mode", "shared"]),
+    ],
+)
+def test_predict_url_prints_what_predict_prints(
+    tmp_path: Path, capsys: Capsys, model: str, rows: str, flags: list[str]
+) -> None:
+    """The same seeded request answered here and by a server: the same table, the same JSON."""
+    repo = copy_shipped(tmp_path / "repo", "toy-regression", "digits")
+    server = start_server(repo, tmp_path / "server.log")
+    try:
+        printed = {}
+        for where in (["--model-repository", str(repo)], ["--url", server.url]):
+            for form in ([], ["--json"]):
+                argv = ["predict", model, "--rows", rows, "--seed", "5", *flags, *where, *form]
+                assert main(argv) == 0
+                printed[(where[0], bool(form))] = capsys.readouterr().out
+    finally:
+        server.stop()
+    for form in (False, True):
+        assert printed[("--url", form)] == printed[("--model-repository", form)], form
+    assert "seed 5" in printed[("--url", False)].splitlines()[0]
 
 
 def test_argument_errors_exit_2(capsys: Capsys) -> None:

@@ -22,6 +22,8 @@ from mcdrop.training.recipe import (
     TrainConfig,
     TrainedModel,
     l2_terms,
+    standardisation,
+    standardise,
     train_classifier,
     train_regressor,
     weight_decay,
@@ -288,3 +290,15 @@ def test_validation_scores_are_the_engines(tmp_path: Path) -> None:
     assert trained.validation["log_likelihood"] == pytest.approx(
         float(summary.log_likelihood.mean()), rel=1e-6
     )
+
+
+def test_the_one_standardisation_leaves_a_constant_column_unscaled() -> None:
+    x = torch.tensor([[1.0, 5.0], [3.0, 5.0]], dtype=torch.float64)
+    mean, std = standardisation(x)
+    assert mean.tolist() == [2.0, 5.0]
+    assert std.tolist() == [1.0, 1.0]  # population std of (1, 3) is 1; the constant gets 1
+    assert standardise(x, mean, std).tolist() == [[-1.0, 0.0], [1.0, 0.0]]
+    images = torch.arange(16, dtype=torch.float64).view(2, 2, 2, 2)  # [N, C, H, W]
+    channel_mean, channel_std = standardisation(images, dim=(0, 2, 3))
+    assert channel_mean.tolist() == [5.5, 9.5]
+    assert standardise(images, channel_mean, channel_std)[:, 0].mean().item() == pytest.approx(0.0)

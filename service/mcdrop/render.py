@@ -17,7 +17,8 @@ a model whose outputs overflow yields inf/NaN, which strict JSON encoders reject
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -84,31 +85,46 @@ def summary_document(summary: Summary, spec: ModelSpec) -> dict[str, Any]:
     return {**summary_meta(summary), "rows": summary_rows(summary, spec)}
 
 
+def prediction_document(spec: ModelSpec, summary: Summary, mask_mode: str) -> dict[str, Any]:
+    """What `mcdrop predict --json` prints, local or remote: the model, how it sampled, the rows."""
+    return {"model": spec.name, "version": spec.version, "task": spec.task,
+            "mask_mode": mask_mode, **summary_document(summary, spec)}  # fmt: skip
+
+
 def format_summary(spec: ModelSpec, summary: Summary, mask_mode: str) -> str:
     """A readable table of a summary, one line per row (and output), with a short legend."""
+    return format_document(prediction_document(spec, summary, mask_mode))
+
+
+def format_document(document: Mapping[str, Any]) -> str:
+    """The readable table of a prediction_document (from this process or from a server's rows).
+
+    One function for both, so `mcdrop predict --url` prints what `mcdrop predict` prints.
+    """
     lines = [
-        f"{spec.name} v{spec.version} ({spec.task}): {summary.samples_used} MC samples, "
-        f"seed {summary.seed}, {mask_mode} masks"
+        f"{document['model']} v{document['version']} ({document['task']}): "
+        f"{document['samples_used']} MC samples, seed {document['seed']}, "
+        f"{document['mask_mode']} masks"
     ]
-    if isinstance(summary, RegressionSummary):
-        levels = sorted(summary.gaussian_intervals)
+    rows: list[dict[str, Any]] = document["rows"]
+    samples: list[str] = []
+    if document["task"] == "regression":
+        levels = sorted(rows[0][next(iter(rows[0]))]["intervals"], key=float) if rows else []
         head = ["row", "output", "mean", "std", "epistemic", "aleatoric"]
-        table = [head + [f"{level:.0%} interval" for level in levels]]
-        for r in range(len(summary.mean)):
-            for d, name in enumerate(spec.output.names):
-                cells = [str(r), name] + [
-                    f"{float(v[r, d]):.4g}"
-                    for v in (
-                        summary.mean,
-                        summary.std,
-                        summary.epistemic_variance.sqrt(),
-                        summary.aleatoric_variance.sqrt(),
-                    )
-                ]
+        table = [head + [f"{float(level):.0%} interval" for level in levels]]
+        for r, row in enumerate(rows):
+            kept: list[float] = []
+            for name, out in row.items():
+                values = (out["mean"], out["std"], math.sqrt(out["epistemic_variance"]),
+                          math.sqrt(out["aleatoric_variance"]))  # fmt: skip
+                cells = [str(r), name] + [f"{v:.4g}" for v in values]
                 for level in levels:
-                    i = summary.gaussian_intervals[level]
-                    cells.append(f"[{float(i.lower[r, d]):.4g}, {float(i.upper[r, d]):.4g}]")
+                    lower, upper = out["intervals"][level]["gaussian"]
+                    cells.append(f"[{lower:.4g}, {upper:.4g}]")
                 table.append(cells)
+                kept += out.get("samples", [])
+            if kept:
+                samples.append(f"row {r} samples: " + ", ".join(f"{v:.4g}" for v in kept))
         legend = (
             "std: total predictive std = sqrt(epistemic^2 + aleatoric^2); epistemic: "
             "spread of the dropout samples (model uncertainty); aleatoric: noise; "
@@ -116,28 +132,20 @@ def format_summary(spec: ModelSpec, summary: Summary, mask_mode: str) -> str:
         )
     else:
         table = [["row", "class", "probability", "entropy", "mutual_info", "variation_ratio"]]
-        for r in range(len(summary.probabilities)):
-            k = int(summary.predicted_class[r])
-            table.append(
-                [str(r), spec.output.names[k], f"{float(summary.probabilities[r, k]):.3f}"]
-                + [
-                    f"{float(getattr(summary, key)[r]):.3f}"
-                    for key in ("entropy", "mutual_information", "variation_ratio")
-                ]
-            )
+        for r, row in enumerate(rows):
+            predicted = row["predicted"]
+            measures = [row[key] for key in ("entropy", "mutual_information", "variation_ratio")]
+            probability = row["probabilities"][predicted]
+            table.append([str(r), predicted, *(f"{v:.3f}" for v in (probability, *measures))])
+            if "samples" in row:
+                flat = [v for sample in row["samples"] for v in sample]
+                samples.append(f"row {r} samples: " + ", ".join(f"{v:.4g}" for v in flat))
         legend = (
             "entropy: total uncertainty (nats); mutual_info: the part due to the model "
             "(dropout samples disagree); variation_ratio: share of samples not voting "
             "for the top class"
         )
-    lines += render_table(table)
-    if summary.samples is not None:
-        lines += [
-            f"row {r} samples: "
-            + ", ".join(f"{float(v):.4g}" for v in summary.samples[r].flatten())
-            for r in range(len(summary.samples))
-        ]
-    return "\n".join([*lines, legend])
+    return "\n".join([*lines, *render_table(table), *samples, legend])
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> list[str]:

@@ -181,6 +181,42 @@ def summarize_classification(
     )
 
 
+def summarize_regression(
+    mean: Tensor,
+    epistemic: Tensor,
+    aleatoric: Tensor,
+    samples_used: int,
+    seed: int,
+    levels: tuple[float, ...],
+    samples: Tensor | None = None,
+    kept: Tensor | None = None,
+    kept_aleatoric: Tensor | None = None,
+    log_likelihood: Tensor | None = None,
+) -> RegressionSummary:
+    """Regression summary from the sample mean [B, D], its variance and the aleatoric part.
+
+    kept [B, K, D] are samples 0 .. K-1 of the means for empirical intervals (kept_aleatoric
+    [B, K, D] their predicted variances, else `aleatoric` is the noise); samples [B, K', >=D]
+    the ones returned to the caller.
+    """
+    empirical = {}
+    if kept is not None:
+        noise_std = kept_aleatoric.sqrt() if kept_aleatoric is not None else aleatoric.sqrt()
+        empirical = empirical_intervals(kept, noise_std, levels, seed)
+    d = mean.shape[1]
+    return RegressionSummary(
+        mean=mean,
+        epistemic_variance=epistemic,
+        aleatoric_variance=aleatoric,
+        samples_used=samples_used,
+        seed=seed,
+        gaussian_intervals=gaussian_intervals(mean, epistemic + aleatoric, levels),
+        empirical_intervals=empirical,
+        samples=None if samples is None else samples[..., :d],
+        log_likelihood=log_likelihood,
+    )
+
+
 def gaussian_intervals(
     mean: Tensor, variance: Tensor, levels: tuple[float, ...]
 ) -> dict[float, Interval]:

@@ -26,7 +26,7 @@ from mcdrop.config import Settings
 from mcdrop.errors import InvalidInput, ModelNotFound, ServiceError
 from mcdrop.evaluation import ClassificationMetrics, EvaluationReport, evaluate
 from mcdrop.model import ServedModel
-from mcdrop.render import format_summary, render_table, summary_document
+from mcdrop.render import format_document, prediction_document, render_table
 from mcdrop.repository.manifest import MANIFEST_NAME
 from mcdrop.repository.scan import scan_repository
 from mcdrop.server import serve
@@ -355,18 +355,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return_samples=args.return_samples,
     )
     rows = read_rows(tuple(model.spec.input.shape), args.rows, args.file)
-    summary = model.predict(rows, options)
-    if args.json:
-        document = {
-            "model": model.spec.name,
-            "version": model.spec.version,
-            "task": model.spec.task,
-            "mask_mode": options.mask_mode,
-            **summary_document(summary, model.spec),
-        }
-        print(json.dumps(document, indent=2))
-    else:
-        print(format_summary(model.spec, summary, options.mask_mode))
+    document = prediction_document(model.spec, model.predict(rows, options), options.mask_mode)
+    print(json.dumps(document, indent=2) if args.json else format_document(document))
     return 0
 
 
@@ -384,19 +374,11 @@ def remote_predict(args: argparse.Namespace) -> int:
     }
     answer = client.predict(args.url, args.model, {k: v for k, v in body.items() if v is not None},
                             args.token)  # fmt: skip
-    if args.json:
-        print(json.dumps(answer, indent=2))
-        return 0
-    print(f"{answer['model']} v{answer['version']} at {args.url}: {answer['samples_used']} MC "
-          f"samples, seed {answer['seed']}")  # fmt: skip
-    for i, row in enumerate(answer["predictions"]):
-        if "predicted" in row:
-            p = row["probabilities"][row["predicted"]]
-            print(f"  row {i}: class {row['predicted']} (p={p:.3f})  entropy {row['entropy']:.3f}"
-                  f"  mutual information {row['mutual_information']:.3f}")  # fmt: skip
-        else:
-            for name, out in row.items():
-                print(f"  row {i} {name}: {out['mean']:.4g} ± {out['std']:.3g}")
+    document = {"model": answer["model"], "version": answer["version"], "task": info["task"],
+                "mask_mode": args.mask_mode or info["mask_mode"],
+                "samples_used": answer["samples_used"], "seed": answer["seed"],
+                "rows": answer["predictions"]}  # fmt: skip
+    print(json.dumps(document, indent=2) if args.json else format_document(document))
     return 0
 
 

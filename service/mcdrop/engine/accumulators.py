@@ -14,9 +14,8 @@ from mcdrop.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
     classification_features,
-    empirical_intervals,
-    gaussian_intervals,
     summarize_classification,
+    summarize_regression,
 )
 
 QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
@@ -183,23 +182,11 @@ def summarize(
     if head.heteroscedastic:
         aleatoric = mean[:, d:]
     elif head.tau is not None:
-        aleatoric = torch.full_like(mean, 1.0 / head.tau)
+        aleatoric = torch.full_like(mean[:, :d], 1.0 / head.tau)
     else:
-        aleatoric = torch.zeros_like(mean)
-    epistemic = var[:, :d]
-    total = epistemic + aleatoric
-    emp = {}
-    if kept is not None:
-        noise_std = kept_aleatoric.sqrt() if kept_aleatoric is not None else aleatoric.sqrt()
-        emp = empirical_intervals(kept[..., :d], noise_std, levels, seed)
-    return RegressionSummary(
-        mean=mean[:, :d],
-        epistemic_variance=epistemic,
-        aleatoric_variance=aleatoric,
-        samples_used=n,
-        seed=seed,
-        gaussian_intervals=gaussian_intervals(mean[:, :d], total, levels),
-        empirical_intervals=emp,
-        samples=None if samples is None else samples[..., :d],
-        log_likelihood=log_likelihood,
-    )
+        aleatoric = torch.zeros_like(mean[:, :d])
+    kept_means = None if kept is None else kept[..., :d]
+    return summarize_regression(
+        mean[:, :d], var[:, :d], aleatoric, n, seed, levels, samples, kept_means, kept_aleatoric,
+        log_likelihood,
+    )  # fmt: skip

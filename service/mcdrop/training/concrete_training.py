@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mcdrop.training.recipe import ArrayLike, TrainConfig, TrainedModel, mlp_architecture
+from mcdrop.training.recipe import (
+    ArrayLike,
+    TrainConfig,
+    TrainedModel,
+    mlp_architecture,
+    standardisation,
+    standardise,
+)
 from mcdrop.training.stacked import StackedData, StackedMLP, train_stacked
 
 
@@ -42,14 +49,12 @@ def train_concrete_regressor(
         )
     if not bool(torch.isfinite(x64).all() and torch.isfinite(y64).all()):
         raise ValueError("x and y must be finite")
-    x_mean, x_std = x64.mean(0), x64.std(0, correction=0)
-    x_std = torch.where(x_std > 0, x_std, torch.ones_like(x_std))
-    y_mean, y_std = y64.mean(0), y64.std(0, correction=0)
-    y_std = torch.where(y_std > 0, y_std, torch.ones_like(y_std))
+    x_mean, x_std = standardisation(x64)
+    y_mean, y_std = standardisation(y64)
     n, features = x64.shape
     data = StackedData(
-        x=((x64 - x_mean) / x_std).float()[None],
-        y=((y64 - y_mean) / y_std).float()[None],
+        x=standardise(x64, x_mean, x_std).float()[None],
+        y=standardise(y64, y_mean, y_std).float()[None],
         group=torch.zeros(1, dtype=torch.long),
         rows=torch.arange(n)[None],
     )

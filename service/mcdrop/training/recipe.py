@@ -107,7 +107,7 @@ class TrainedModel:
 
     def normalize_inputs(self, x: Tensor) -> Tensor:
         """Raw rows [B, *shape] -> the network's input units (float32)."""
-        return _apply(x.double(), self.input_mean, self.input_std).float()
+        return standardise(x.double(), self.input_mean, self.input_std).float()
 
 
 # --- the recipe ---------------------------------------------------------------------------
@@ -182,10 +182,10 @@ def train_regressor(
         torch.manual_seed(config.seed)
         generator = torch.Generator().manual_seed(config.seed)
         train_rows, val_rows = _holdout(x_all.shape[0], config.validation_fraction, generator)
-        x_mean, x_std = _moments(x_all[train_rows], dim=(0,))
-        y_mean, y_std = _moments(y_all[train_rows], dim=(0,))
-        x_norm = _apply(x_all, x_mean, x_std).float()
-        y_norm = _apply(y_all, y_mean, y_std).float()
+        x_mean, x_std = standardisation(x_all[train_rows], dim=(0,))
+        y_mean, y_std = standardisation(y_all[train_rows], dim=(0,))
+        x_norm = standardise(x_all, x_mean, x_std).float()
+        y_norm = standardise(y_all, y_mean, y_std).float()
         module = build_mlp(**arch_config)
         penalties = l2_terms(module, config.lengthscale, len(train_rows), config.tau)
 
@@ -261,11 +261,11 @@ def train_classifier(
         generator = torch.Generator().manual_seed(config.seed)
         train_rows, val_rows = _holdout(x_all.shape[0], config.validation_fraction, generator)
         if config.standardize:
-            x_mean, x_std = _moments(x_all[train_rows], dim=channel_dims)
+            x_mean, x_std = standardisation(x_all[train_rows], dim=channel_dims)
         else:
             x_mean = torch.zeros(x_all.shape[1], dtype=torch.float64)
             x_std = torch.ones(x_all.shape[1], dtype=torch.float64)
-        x_norm = _apply(x_all, x_mean, x_std).float()
+        x_norm = standardise(x_all, x_mean, x_std).float()
         module = build()
         module.eval()
         with torch.no_grad():
@@ -377,14 +377,17 @@ def _holdout(n: int, fraction: float, generator: torch.Generator) -> tuple[Tenso
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 
-def _moments(x: Tensor, dim: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Mean and population std over `dim`; a constant column gets std 1 (left unscaled)."""
+def standardisation(x: Tensor, dim: tuple[int, ...] = (0,)) -> tuple[Tensor, Tensor]:
+    """Mean and population std over `dim`; a constant column gets std 1 (left unscaled).
+
+    The one standardisation of training rows and targets (recipe, Concrete, the UCI bench).
+    """
     mean = x.mean(dim=dim)
     std = x.std(dim=dim, correction=0)
     return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
-def _apply(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+def standardise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """(x - mean) / std, with [F] or [C] statistics broadcast over x [N, F] or [N, C, ...]."""
     view = (1, -1, *([1] * (x.dim() - 2)))
     return (x - mean.view(view)) / std.view(view)
