@@ -411,8 +411,8 @@ def test_predict_url_prints_what_predict_prints(
                 printed[(where[0], bool(form))] = capsys.readouterr().out
     finally:
         server.stop()
-    for form in (False, True):
-        assert printed[("--url", form)] == printed[("--model-repository", form)], form
+    for as_json in (False, True):
+        assert printed[("--url", as_json)] == printed[("--model-repository", as_json)], as_json
     assert "seed 5" in printed[("--url", False)].splitlines()[0]
 
 
