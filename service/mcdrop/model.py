@@ -68,6 +68,7 @@ class ServedModel:
                 heteroscedastic=spec.output.heteroscedastic,
                 tau=spec.mc.tau,
                 sample=spec.mc.sample,
+                ignore=spec.mc.ignore,
                 device=settings.device or spec.runtime.device,
                 dtype=spec.runtime.dtype,
                 compile=spec.runtime.compile if settings.compile is None else settings.compile,

@@ -97,6 +97,9 @@ class ModelInfo(BaseModel):
     max_samples: int | None = None
     max_rows: int | None = None
     mask_mode: str | None = None
+    coverage: dict[str, Any] | None = Field(
+        None, description="stochastic ops sampled and not sampled (with why), how it runs"
+    )
     error: str | None = None
 
 
@@ -176,6 +179,7 @@ def model_info(status: ModelStatus) -> ModelInfo:
         max_samples=spec.mc.max_samples,
         max_rows=spec.mc.max_rows,
         mask_mode=spec.mc.mask_mode,
+        coverage=status.coverage,
         error=status.error,
     )
 

@@ -107,7 +107,8 @@ async def ready(request: Request) -> dict[str, Any] | Response:
 @router.get("/v2/models/{name}/versions/{version}")
 async def model_metadata(name: str, request: Request, version: str | None = None) -> dict[str, Any]:
     """Inputs, every output the model can produce, and its MC defaults."""
-    spec = registry_of(request).get(name, version).model.spec
+    model = registry_of(request).get(name, version).model
+    spec = model.spec
     return {
         "name": spec.name,
         "versions": [spec.version],
@@ -120,6 +121,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
             "max_samples": spec.mc.max_samples,
             "mask_mode": spec.mc.mask_mode,
             "max_rows": spec.mc.max_rows,
+            "coverage": model.engine.coverage(),
         },
     }
 

@@ -13,7 +13,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -443,23 +443,37 @@ def cmd_models(args: argparse.Namespace) -> int:
     scan = scan_repository(settings.model_repository)
     table = [["name", "version", "task", "input", "stochastic sites"]]
     errors = dict(scan.errors)
+    notes: list[str] = []
     for name, (spec, folder) in scan.models.items():
         try:
-            sites = ServedModel.load(folder, settings).engine.sites
+            coverage = ServedModel.load(folder, settings).engine.coverage()
         except ServiceError as exc:
             errors[name] = str(exc)
             continue
-        listed = ", ".join(f"{s.name} ({s.kind}, p={s.p:g})" for s in sites)
+        listed = ", ".join(_site_text(s) for s in coverage["sampled"])
         table.append([name, spec.version, spec.task, str(spec.input.shape), listed])
+        notes += [
+            f"{name}  not sampled: {n['name']}: {n['reason']}" for n in coverage["not_sampled"]
+        ]
+        if coverage["whole_because"]:
+            notes.append(f"{name}  runs whole (slower): {coverage['whole_because']}")
     print(
         f"{settings.model_repository}: {len(table) - 1} model(s)"
         + (f", {len(errors)} broken" if errors else "")
     )
     if len(table) > 1:
         print("\n".join(render_table(table)))
+    for note in notes:
+        print(note)
     for name, message in sorted(errors.items()):
         print(f"{name}  BROKEN: {' '.join(message.split())}")
     return 0
+
+
+def _site_text(site: dict[str, Any]) -> str:
+    """One sampled site as `mcdrop models` lists it: name (kind, p=0.1 | op bernoulli_)."""
+    detail = f"op {site['op']}" if "op" in site else f"p={site['p']:g}"
+    return f"{site['name']} ({site['kind']}, {detail})"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mcdrop.config import DEFAULT_CHUNK_ELEMENTS
 from mcdrop.engine.accumulators import Accumulators, OutputHead
 from mcdrop.engine.allocator import keep_freed_memory
+from mcdrop.engine.fallback import WholeProgram
 from mcdrop.engine.partials import PartialStats, Shard
 from mcdrop.engine.partition import PartitionedProgram
 from mcdrop.engine.program import prepare_program
@@ -110,6 +111,7 @@ class MCEngine:
         heteroscedastic: bool = False,
         tau: float | None = None,
         sample: SampleSelection = "all",
+        ignore: Sequence[str] = (),
         device: str = "cpu",
         dtype: str = "float32",
         compile: bool = False,
@@ -130,7 +132,7 @@ class MCEngine:
         self.input_shape = tuple(input_shape)
         self.chunk_elements = chunk_elements
         module = module.to(self.device, self.dtype).eval()
-        self.program = prepare_program(module, self.input_shape, sample, self.dtype)
+        self.program = prepare_program(module, self.input_shape, sample, self.dtype, ignore)
         self.head = OutputHead(
             task,
             heteroscedastic,
@@ -145,6 +147,30 @@ class MCEngine:
     def sites(self) -> list[Site]:
         """The stochastic ops that sample, in execution order."""
         return self.program.sites
+
+    def coverage(self) -> dict[str, Any]:
+        """What samples and what does not, and why: the load report of metadata and `models`.
+
+        {"program": "partitioned" | "whole", "whole_because": reason or None,
+         "sampled": [{"name", "kind", "p" | "op"}], "not_sampled": [{"name", "reason"}]}
+        """
+        program = self.program
+        sampled = [{"name": s.name, "kind": s.kind, **({"op": s.op} if s.kind == "random"
+                    else {"p": s.p})} for s in program.sites]  # fmt: skip
+        branches = program.branches
+        not_sampled = [{"name": n or "(the model)", "reason": "its training branch is "
+                        "deterministic (e.g. batch statistics, a train-only head): kept in eval"}
+                       for n in branches.deterministic]  # fmt: skip
+        not_sampled += [{"name": n or "(the model)", "reason": "listed in mc.ignore: kept in "
+                         "eval"} for n in branches.ignored]  # fmt: skip
+        whole = isinstance(program, WholeProgram)
+        return {
+            "program": "whole" if whole else "partitioned",
+            "whole_because": program.reason if isinstance(program, WholeProgram) else None,
+            "sampled": sampled,
+            "not_sampled": not_sampled,
+            "unstacked_recurrent": list(program.rewritten),
+        }
 
     def _compile(self) -> None:
         """torch.compile the prefix and suffix (masks stay eager) and warm them up at load."""

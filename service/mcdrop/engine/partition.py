@@ -8,16 +8,18 @@ suffix needs are recomputed there from the expanded values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
 
+from mcdrop.engine.random_ops import KeyedRandom, RandomCall, UniformSource
 from mcdrop.engine.sampling import SamplingContext, Site
 from mcdrop.engine.sites import ELEMENTWISE, SampleSelection, find_sites, select_sites
 from mcdrop.engine.tracing import TRACE_LOCK, symbolic_trace
+from mcdrop.engine.training_branches import TrainingBranches
 from mcdrop.errors import ModelLoadError
 
 
@@ -74,6 +76,16 @@ def _closure(starts: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+class _Untraceable(Exception):
+    """The traced graph cannot stand for the model (the caller falls back to running it whole)."""
+
+
+def _family(node: fx.Node) -> str:
+    """The aten family name of a random node: torch.bernoulli and Tensor.bernoulli alike."""
+    target = node.target
+    return target if isinstance(target, str) else str(getattr(target, "__name__", target))
+
+
 @dataclass
 class PartitionedProgram:
     """A traced model partitioned at its first sampled op; see the module docstring."""
@@ -81,8 +93,11 @@ class PartitionedProgram:
     prefix: Callable[..., Any]  # x [B, *input] -> tuple of boundary values (a GraphModule)
     suffix: Callable[..., Any]  # (*boundary values, ctx) -> outputs for R*S rows
     batched: list[bool]  # boundary values with the batch in dim 0
-    sites: list[Site]
+    sites: list[Site]  # rewritten sites, then the random ops of training branches
     row_elements: int  # largest activation per (row, sample) in the suffix
+    random_calls: list[RandomCall] = field(default_factory=list)
+    branches: TrainingBranches = field(default_factory=TrainingBranches)  # set by the loader
+    rewritten: list[str] = field(default_factory=list)  # recurrent modules unstacked at load
 
     def run_prefix(self, x: Tensor) -> list[Any]:
         """Deterministic prefix, once per input row."""
@@ -90,20 +105,55 @@ class PartitionedProgram:
 
     def run_suffix(self, boundary: list[Any], ctx: SamplingContext) -> Tensor:
         """Sampled suffix on R rows x S samples; boundary already sliced to those R rows."""
-        out: Tensor = self.suffix(*boundary, ctx)
-        return out
+        if not self.random_calls:
+            out: Tensor = self.suffix(*boundary, ctx)
+            return out
+        first = len(self.sites) - len(self.random_calls)
+        source = UniformSource(ctx.uniform, ctx.n_rows * ctx.samples)
+        with KeyedRandom(self.random_calls, first, source):
+            keyed: Tensor = self.suffix(*boundary, ctx)
+        return keyed
 
 
 def partition_program(
-    module: nn.Module, input_shape: tuple[int, ...], sample: SampleSelection, dtype: torch.dtype
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    sample: SampleSelection,
+    dtype: torch.dtype,
+    random_calls: Sequence[RandomCall] = (),
 ) -> PartitionedProgram:
-    """Trace `module` with fx and partition it into prefix and suffix (raises if it cannot)."""
+    """Trace `module` with fx and partition it into prefix and suffix (raises if it cannot).
+
+    random_calls are the random ops of its training branches, in execution order, as probed
+    eagerly; the graph must hold the same ones, in the same order, or it cannot be used.
+    """
     gm = symbolic_trace(module)
     found = find_sites(gm)
-    chosen = {found[i].node for i in select_sites([f.site.name for f in found], sample)}
+    randoms = [f for f in found if f.site.kind == "random"]
+    if [_family(f.node) for f in randoms] != [c.op for c in random_calls]:
+        raise _Untraceable("the traced graph's random ops differ from the model's own")
+    found = [f for f in found if f.site.kind != "random"]
+    names = [f.site.name for f in found]
+    picked = select_sites(names, sample) if names or not randoms else []
+    chosen = {found[i].node for i in picked}
     sites = [f.site for f in found if f.node in chosen]
+    for draw, call in zip(randoms, random_calls, strict=True):  # they always sample
+        draw.site = Site(call.name, "random", 0.0, op=call.op)
+        chosen.add(draw.node)
+        sites.append(draw.site)
     by_node = {f.node: f for f in found}
+    random_nodes = {f.node for f in randoms}
     example = _probe(gm, input_shape, dtype)
+    for site in found:  # an element-wise site must drop something with the batch in dim 0
+        if site.node in chosen and site.site.kind in ELEMENTWISE:
+            src = site.bound["input"]
+            if isinstance(src, fx.Node) and not example.batched(src):
+                what = f"parameter '{src.target}'" if src.op == "get_attr" else f"'{src.name}'"
+                raise ModelLoadError(
+                    f"{site.site.name}: drops {what}, which has no batch dimension (DropConnect?): "
+                    "one mask would be shared by every row and sample; a weight mask per MC "
+                    "sample is not supported, so this model is refused"
+                )
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     sampled = _closure(list(chosen))
     depends_on_input = _closure([placeholder])
@@ -123,7 +173,7 @@ def partition_program(
                 and any(u in suffix_nodes or u.op == "output" for u in n.users)]  # fmt: skip
     for n in boundary:
         if n in depends_on_input and not example.batched(n):
-            raise ModelLoadError(f"{n.name}: cannot find the batch in dim 0 of this value")
+            raise _Untraceable(f"{n.name}: cannot find the batch in dim 0 of this value")
 
     prefix_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -171,6 +221,13 @@ def partition_program(
             q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
             method = "sdpa" if f.site.kind == "sdpa" else "multihead_attention"
             senv[n] = graph.call_method(method, (ctx, index[n], q, k, v), bound)
+        elif n.op == "call_method" and str(n.target).endswith("_") and n in random_nodes:
+            # An in-place draw (bernoulli_) into an expanded boundary value, which may alias
+            # one row's memory across its samples: draw into a copy instead.
+            target = value(n.args[0]) if isinstance(n.args[0], fx.Node) else n.args[0]
+            copied = graph.call_method("clone", (target,))
+            rest = tuple(value(a) if isinstance(a, fx.Node) else a for a in n.args[1:])
+            senv[n] = graph.call_method(str(n.target), (copied, *rest), dict(n.kwargs))
         else:
             senv[n] = graph.node_copy(n, value)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -183,4 +240,5 @@ def partition_program(
         batched=[n in depends_on_input for n in boundary],
         sites=sites,
         row_elements=row_elements,
+        random_calls=list(random_calls),
     )

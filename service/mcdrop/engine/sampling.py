@@ -16,19 +16,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcdrop.engine.masks import keep_mask, quantized_drop_probability
+from mcdrop.engine.random_ops import keyed_uniform
 
-SiteKind = Literal["dropout", "channel", "alpha", "feature_alpha", "attention", "sdpa"]
+SiteKind = Literal["dropout", "channel", "alpha", "feature_alpha", "attention", "sdpa", "random"]
 _SELU_ALPHA_PRIME = -1.7580993408473766
 
 
 @dataclass(frozen=True)
 class Site:
-    """One stochastic op of a model: its name, kind and drop probability."""
+    """One stochastic op of a model: its name, kind and drop probability.
+
+    kind "random" is a random op of a training branch (e.g. DropPath's bernoulli_), drawn
+    from keyed uniforms; `op` names it and p is 0 (its rate is the op's own argument).
+    """
 
     name: str
     kind: SiteKind
     p: float
     module: nn.Module | None = None  # the nn.MultiheadAttention for attention sites
+    op: str | None = None  # random sites: the aten op family, e.g. "bernoulli_"
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,21 @@ class SamplingContext:
         if self.mask_mode == "shared" and self.keys.shared_index is not None:
             mask = mask[self.keys.shared_index.to(mask.device)]
         return mask
+
+    def uniform(self, site: int, elems: int) -> Tensor:
+        """Keyed uniforms [R*S, elems] (float64 in (0, 1)) for a random op at site `site`."""
+        if self.mask_mode == "independent":
+            u = keyed_uniform(self.keys.seeds, self.keys.rows, site, self.first, self.samples,
+                              elems, self.device)  # fmt: skip
+        else:
+            shared = len(self.keys.shared_seeds)
+            u = keyed_uniform(self.keys.shared_seeds, [0] * shared, site, self.first,
+                              self.samples, elems, self.device)  # fmt: skip
+            if self.keys.shared_index is not None:
+                u = u[self.keys.shared_index.to(u.device)]
+            else:
+                u = u.expand(self.n_rows, self.samples, elems)
+        return u.reshape(self.n_rows * self.samples, elems)
 
     def _rows_by_sample(self, x: Tensor) -> Tensor:
         """View x ([R*S, ...] expanded, or [R, ...] not yet expanded) as [R, S or 1, ...]."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mcdrop.engine.random_ops import FUNCTIONS, METHODS
 from mcdrop.engine.sampling import Site, SiteKind
 from mcdrop.errors import ModelLoadError
 
@@ -87,6 +88,8 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
             elif kind is not None and getattr(module, "p", 0) > 0:
                 site = Site(str(node.target), kind, float(module.p))  # type: ignore[arg-type]
                 found.append(FoundSite(node, site, {"input": node.args[0]}))
+        elif is_random_node(node):
+            found.append(FoundSite(node, Site(node.name, "random", 0.0), {}))
         elif node.op == "call_function" and node.target in _FUNCTIONAL:
             kind, names = _FUNCTIONAL[node.target]
             bound = _bind(names, node.args, node.kwargs)
@@ -94,8 +97,22 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
             if not isinstance(p, float | int):
                 raise ModelLoadError(f"{node.name}: dropout probability must be a constant")
             if p > 0:
-                found.append(FoundSite(node, Site(node.name, kind, float(p)), bound))
+                found.append(FoundSite(node, Site(_node_path(node), kind, float(p)), bound))
     return found
+
+
+def _node_path(node: fx.Node) -> str:
+    """A functional site's name: the path of the module calling it, then the graph node's name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values()] if isinstance(stack, dict) else []
+    return f"{paths[-1]}.{node.name}" if paths and paths[-1] else node.name
+
+
+def is_random_node(node: fx.Node) -> bool:
+    """A torch call that draws random numbers (a training branch's bernoulli_, randn_like, ...)."""
+    if node.op == "call_function":
+        return node.target in FUNCTIONS
+    return node.op == "call_method" and node.target in METHODS
 
 
 def select_sites(names: list[str], sample: SampleSelection) -> list[int]:

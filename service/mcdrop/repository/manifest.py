@@ -112,6 +112,11 @@ class MCSpec(_Strict):
         "all", description="which stochastic ops sample: all, the last, or these site names"
     )
     max_rows: int = Field(1024, ge=1)
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="module paths whose stochastic training branch stays in eval, not sampled "
+        "(e.g. train-only augmentation noise); listed as not sampled in the model's metadata",
+    )
 
     @model_validator(mode="after")
     def _limits(self) -> MCSpec:

@@ -46,6 +46,7 @@ class ModelStatus:
     version: str | None = None
     spec: ModelSpec | None = None
     error: str | None = None  # the last load failure (an older version may still serve)
+    coverage: dict[str, Any] | None = None  # the serving version's load report (engine)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,10 @@ class ModelRegistry:
         else:
             state = "UNAVAILABLE"
         spec = None if entry is None else entry.model.spec
-        return ModelStatus(name, state, None if spec is None else spec.version, spec, error)
+        coverage = None if entry is None else entry.model.engine.coverage()
+        return ModelStatus(
+            name, state, None if spec is None else spec.version, spec, error, coverage
+        )
 
     def statuses(self) -> list[ModelStatus]:
         """Every model the registry knows of, loaded or failed, by name."""
