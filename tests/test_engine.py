@@ -128,9 +128,9 @@ def test_chunks_draw_each_mask_stream_as_few_times_as_the_budget_allows(
         calls.append(args[2])
         return real(*args)
 
-    monkeypatch.setattr(masks, "_row_bits", counted)
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 1))
     engine = _regression(model, (3,), chunk_elements=16 * 2560, tau=1.0)
+    monkeypatch.setattr(masks, "_row_bits", counted)  # after the load-time audit's draws
     opts = MCOptions(samples=256, seed=0, mask_mode=mask_mode)  # type: ignore[arg-type]
     engine.run(torch.randn(40, 3), opts)  # 40 rows x 256 samples: four times the budget
     assert len(calls) == streams

@@ -69,6 +69,7 @@ class ServedModel:
                 tau=spec.mc.tau,
                 sample=spec.mc.sample,
                 ignore=spec.mc.ignore,
+                audit=spec.mc.audit,
                 device=settings.device or spec.runtime.device,
                 dtype=spec.runtime.dtype,
                 compile=spec.runtime.compile if settings.compile is None else settings.compile,

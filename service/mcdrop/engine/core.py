@@ -9,6 +9,7 @@ aligned, which keeps CPU GEMM kernels on the same code path for every row.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,14 @@ from torch import Tensor, nn
 from mcdrop.config import DEFAULT_CHUNK_ELEMENTS
 from mcdrop.engine.accumulators import Accumulators, OutputHead
 from mcdrop.engine.allocator import keep_freed_memory
+from mcdrop.engine.audit import (
+    AUDIT_ROWS,
+    AUDIT_SAMPLES,
+    AuditPolicy,
+    AuditReport,
+    compare,
+    training_mode_features,
+)
 from mcdrop.engine.fallback import WholeProgram
 from mcdrop.engine.partials import PartialStats, Shard
 from mcdrop.engine.partition import PartitionedProgram
@@ -35,6 +44,8 @@ from mcdrop.uncertainty import (
     rows_of,
     validate_levels,
 )
+
+log = logging.getLogger(__name__)
 
 Task = Literal["regression", "classification"]
 MaskMode = Literal["independent", "shared"]
@@ -118,6 +129,8 @@ class MCEngine:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         output_scale: Tensor | None = None,
         output_shift: Tensor | None = None,
+        audit: AuditPolicy = "refuse",
+        audit_samples: int = AUDIT_SAMPLES,
     ) -> None:
         if task == "classification" and heteroscedastic:
             raise ValueError("a heteroscedastic head applies only to regression")
@@ -140,8 +153,48 @@ class MCEngine:
             None if output_scale is None else output_scale.to(self.device, torch.float64),
             None if output_shift is None else output_shift.to(self.device, torch.float64),
         )
+        self.audit = self._audit(module, audit, audit_samples, sample)
         if compile:
             self._compile()
+
+    def _audit(
+        self, module: nn.Module, policy: AuditPolicy, samples: int, sample: SampleSelection
+    ) -> AuditReport:
+        """Engine variance against the model's own training-mode passes, on zero probe rows."""
+        if policy == "off" or sample != "all":  # mc.sample leaves sites out on purpose
+            return AuditReport(None, 0.0, 0, "off")
+        x = torch.zeros((AUDIT_ROWS, *self.input_shape), dtype=self.dtype, device=self.device)
+        summary = self.run(x, MCOptions(samples=samples, seed=0, interval_levels=()))
+        head = self.head
+        if isinstance(summary, ClassificationSummary):
+            engine_variance = summary.probabilities_std.square()
+
+            def features(out: Tensor) -> Tensor:
+                return torch.softmax(out.reshape(len(out), -1), dim=-1)
+        else:
+            engine_variance = summary.epistemic_variance
+            d = engine_variance.shape[1]
+
+            def features(out: Tensor) -> Tensor:
+                mean = out.reshape(len(out), -1)[:, :d]
+                return mean if head.scale is None else mean * head.scale
+
+        branches = self.program.branches
+        reference = training_mode_features(
+            module, x, samples, features, branches.deterministic + branches.ignored
+        )
+        report = compare(engine_variance, reference, samples)
+        if report.verdict == "shortfall":
+            message = (
+                f"sampling audit: the engine's variance is {report.ratio:.3f} of the model's own "
+                f"training-mode passes (at least {1 - report.tolerance:.3f} expected with "
+                f"{samples} samples): some stochastic op is not sampled; set mc.audit = 'warn' "
+                "to serve it anyway"
+            )
+            if policy == "refuse":
+                raise ValueError(message)
+            log.warning(message)
+        return report
 
     @property
     def sites(self) -> list[Site]:
@@ -170,6 +223,7 @@ class MCEngine:
             "sampled": sampled,
             "not_sampled": not_sampled,
             "unstacked_recurrent": list(program.rewritten),
+            "audit": self.audit.as_dict(),
         }
 
     def _compile(self) -> None:

@@ -112,6 +112,11 @@ class MCSpec(_Strict):
         "all", description="which stochastic ops sample: all, the last, or these site names"
     )
     max_rows: int = Field(1024, ge=1)
+    audit: Literal["refuse", "warn", "off"] = Field(
+        "refuse",
+        description="at load, the engine's variance against the model's own training-mode "
+        "passes: refuse a clear shortfall, only warn, or skip the check",
+    )
     ignore: list[str] = Field(
         default_factory=list,
         description="module paths whose stochastic training branch stays in eval, not sampled "
