@@ -496,3 +496,17 @@ async def test_requests_for_unknown_models_do_not_create_metric_series(repo: Pat
         s = parse_metrics((await client.get("/metrics")).text)
     models = {dict(labels).get("model") for _, labels in s}
     assert not any(str(m).startswith("no-such-model") for m in models), sorted(map(str, models))
+
+
+async def test_model_metadata_says_what_samples_what_does_not_and_the_audit(repo: Path) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        listed = {m["name"]: m for m in (await client.get("/v1/models")).json()}
+        oip = (await client.get("/v2/models/digits")).json()
+    coverage = listed["digits"]["coverage"]
+    assert oip["parameters"]["coverage"] == coverage
+    assert coverage["program"] == "partitioned"
+    assert [s["kind"] for s in coverage["sampled"]] == ["dropout", "dropout"]
+    assert {n["name"] for n in coverage["not_sampled"]} == {"bn0", "bn1"}
+    assert all("deterministic" in n["reason"] for n in coverage["not_sampled"])
+    assert coverage["audit"]["verdict"] == "ok"
+    assert abs(coverage["audit"]["ratio"] - 1) <= coverage["audit"]["tolerance"]
