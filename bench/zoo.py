@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from statistics import median
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -32,29 +31,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # the zoo lives with the tests that che
 from model_zoo import DETERMINISTIC, ZOO  # noqa: E402
 
 from bench.common import emit, format_table, interleaved, machine, torch_threads  # noqa: E402
+from mcdrop.engine.audit import training_mode  # noqa: E402
 from mcdrop.engine.core import MCEngine, MCOptions  # noqa: E402
 from mcdrop.uncertainty import RegressionSummary  # noqa: E402
 
 WAYS = ("engine", "loop", "vectorised", "dense")
 
 
-@contextmanager
-def training_mode(model: nn.Module, kept_in_eval: tuple[str, ...]) -> Iterator[None]:
-    """Every module in training mode except norms with running statistics and `kept_in_eval`."""
-    flags = [(m, m.training) for m in model.modules()]
-    for name, m in model.named_modules():
-        m.training = not (isinstance(m, nn.modules.batchnorm._NormBase) or name in kept_in_eval)
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _ways(name: str, rows: int, samples: int) -> tuple[dict[str, Callable[[], object]], float, str]:
     """The four timed calls of one model, its engine/recipe variance ratio, its program."""
     factory, shape, _, _ = ZOO[name]
-    kept = tuple(DETERMINISTIC.get(name, ()))
+    kept = list(DETERMINISTIC.get(name, ()))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn((rows, *shape), generator=gen)
     expanded = x.repeat_interleave(samples, dim=0)

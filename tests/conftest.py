@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from ray_helpers import RayCluster, ray_unavailable, start_cluster, stop_cluster
-from torch import nn
+from torch import Tensor, nn
 
 from mcdrop.engine.partials import Shard, finish, merge_partials
 from mcdrop.model import ServedModel
@@ -245,3 +246,17 @@ def bench_module(name: str) -> Iterator[ModuleType]:
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(str(REPOSITORY_ROOT))
         yield importlib.import_module(f"bench.{name}")
+
+
+def summary_tensors(summary: RegressionSummary | ClassificationSummary) -> dict[str, Tensor]:
+    """Every tensor of a summary by field name (intervals as field[level].lower/upper)."""
+    out: dict[str, Tensor] = {}
+    for f in dataclasses.fields(summary):
+        value = getattr(summary, f.name)
+        if isinstance(value, Tensor):
+            out[f.name] = value
+        elif isinstance(value, dict):
+            for level, bounds in value.items():
+                out[f"{f.name}[{level}].lower"] = bounds.lower
+                out[f"{f.name}[{level}].upper"] = bounds.upper
+    return out

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import summary_tensors
 from test_program import Attention, DataDependent, FunctionalDropout
 from torch import Tensor, nn
 
@@ -447,20 +448,6 @@ def test_compiled_engine_matches_eager() -> None:
 # -- numerics: a heteroscedastic variance never overflows; non-finite summaries are found ----------
 
 
-def _tensors(summary: RegressionSummary | ClassificationSummary) -> dict[str, Tensor]:
-    """Every tensor of a summary by field name (intervals as field[level].lower/upper)."""
-    out: dict[str, Tensor] = {}
-    for f in dataclasses.fields(summary):
-        value = getattr(summary, f.name)
-        if isinstance(value, Tensor):
-            out[f.name] = value
-        elif isinstance(value, dict):
-            for level, bounds in value.items():
-                out[f"{f.name}[{level}].lower"] = bounds.lower
-                out[f"{f.name}[{level}].upper"] = bounds.upper
-    return out
-
-
 def test_a_log_variance_beyond_float64_is_capped_and_every_statistic_stays_finite() -> None:
     lin = nn.Linear(1, 2)  # [mean, log-variance] = [x, 1000 x]: e^5000 overflows float64
     with torch.no_grad():
@@ -472,7 +459,7 @@ def test_a_log_variance_beyond_float64_is_capped_and_every_statistic_stays_finit
     y = torch.zeros(3, 1, dtype=torch.float64)
     options = MCOptions(samples=64, seed=0, return_samples=8, interval_levels=(0.5, 0.95))
     out = _reg(engine.run(x, options, targets=y))
-    tensors = _tensors(out)
+    tensors = summary_tensors(out)
     assert {"log_likelihood", "samples", "gaussian_intervals[0.95].upper"} <= set(tensors)
     for name, tensor in tensors.items():
         assert bool(torch.isfinite(tensor).all()), (name, tensor)

@@ -7,12 +7,12 @@ Every comparison is within a Monte Carlo band derived from the sample count (see
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import summary_tensors
 from model_zoo import (
     DETERMINISTIC,
     DROP_PATH_P,
@@ -58,26 +58,12 @@ def _epistemic(summary: RegressionSummary | ClassificationSummary) -> Tensor:
     return summary.epistemic_variance.to(torch.float64)
 
 
-def _tensors(summary: RegressionSummary | ClassificationSummary) -> dict[str, Tensor]:
-    """Every tensor field of a summary, by name (intervals flattened)."""
-    out: dict[str, Tensor] = {}
-    for f in dataclasses.fields(summary):
-        value = getattr(summary, f.name)
-        if isinstance(value, Tensor):
-            out[f.name] = value
-        elif isinstance(value, dict):
-            for level, bounds in value.items():
-                out[f"{f.name}[{level}].lower"] = bounds.lower
-                out[f"{f.name}[{level}].upper"] = bounds.upper
-    return out
-
-
 def _assert_identical(
     a: RegressionSummary | ClassificationSummary,
     b: RegressionSummary | ClassificationSummary,
     what: str,
 ) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = summary_tensors(a), summary_tensors(b)
     assert ta.keys() == tb.keys(), what
     differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
     assert not differ, f"{what}: fields {differ} differ"
@@ -125,10 +111,10 @@ def test_seeded_answers_reproduce_across_requests_and_batch_neighbours(name: str
     first = engine.run(x, opts)
     _assert_identical(first, engine.run(x, opts), f"{name}: the same seed twice")
     other = engine.run(x, MCOptions(samples=64, seed=6))
-    assert _tensors(first).keys() == _tensors(other).keys()
-    assert any(not torch.equal(v, _tensors(other)[k]) for k, v in _tensors(first).items()), (
-        f"{name}: seeds 5 and 6 gave identical answers: nothing samples"
-    )
+    assert summary_tensors(first).keys() == summary_tensors(other).keys()
+    assert any(
+        not torch.equal(v, summary_tensors(other)[k]) for k, v in summary_tensors(first).items()
+    ), f"{name}: seeds 5 and 6 gave identical answers: nothing samples"
     alone = [engine.run(x[i : i + 1], opts) for i in range(ROWS)]
     together = engine.run_many([MCRequest(x[i : i + 1], opts) for i in range(ROWS)])
     for i, (a, t) in enumerate(zip(alone, together, strict=True)):
