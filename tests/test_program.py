@@ -151,3 +151,44 @@ def test_preparing_leaves_every_module_in_eval_mode() -> None:
     model = Attention().train()
     prepare_program(model, (5, 8), "all", torch.float32)
     assert not any(m.training for m in model.modules())
+
+
+class TwoLayerLSTM(nn.Module):
+    """nn.LSTM(num_layers=2, dropout): its final states are unused values of the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(3, 5, num_layers=2, dropout=0.3, batch_first=True)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        y: Tensor = self.head(out[:, -1])
+        return y
+
+
+class UnusedInPlace(nn.Module):
+    """An in-place write whose result nobody reads: it must stay in the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        h.add_(1.0)
+        return self.drop(h)  # type: ignore[no-any-return]
+
+
+def test_unused_values_do_not_decide_the_boundary_but_in_place_writes_stay() -> None:
+    lstm = prepare_program(TwoLayerLSTM(), (4, 3), "all", torch.float32)
+    assert isinstance(lstm, PartitionedProgram)  # the unused [layers, B, H] states are dropped
+    assert [s.name for s in lstm.sites] == ["rnn.dropouts.0"]
+    model = UnusedInPlace()
+    program = prepare_program(model, (3,), "all", torch.float32)
+    assert isinstance(program, PartitionedProgram)
+    x = torch.randn(2, 3)
+    with torch.inference_mode():
+        (boundary,) = program.run_prefix(x)
+        torch.testing.assert_close(boundary, model.fc(x) + 1.0)

@@ -95,11 +95,52 @@ def test_tracing_while_another_thread_serves_neither_fails_nor_mixes_graphs() ->
                 return
 
     server = _started(serve)
-    reference = len(symbolic_trace(_Net()).graph.nodes)
+    reference = len(symbolic_trace(_Net())[0].graph.nodes)
     try:
-        sizes = [len(symbolic_trace(_Net()).graph.nodes) for _ in range(40)]
+        sizes = [len(symbolic_trace(_Net())[0].graph.nodes) for _ in range(40)]
     finally:
         stop.set()
         server.join(10)
     assert errors == []
     assert sizes == [reference] * 40
+
+
+# -- submodules fx cannot trace stay opaque ----------------------------------------------------
+
+
+class _ScalesThenBranches(nn.Module):
+    """Writes its input in place, then branches on a value: fx fails after the write."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        x.mul_(2)
+        if bool(x.sum() > 1e9):
+            return x * 0
+        return x + 1
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.inner = _ScalesThenBranches()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.inner(self.fc(x)))
+
+
+def test_a_submodule_that_fails_to_trace_is_one_opaque_call_and_its_partial_trace_is_gone() -> None:
+    model = _Outer()
+    gm, opaque = symbolic_trace(model)
+    assert list(opaque) == ["inner"]
+    assert "TraceError" in opaque["inner"] or "bool" in opaque["inner"], opaque
+    ops = [(n.op, str(n.target)) for n in gm.graph.nodes]
+    assert ("call_module", "inner") in ops
+    assert not any(target in ("mul_", "clone") for _, target in ops), ops  # rolled back
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_a_model_whose_own_forward_cannot_be_traced_still_raises() -> None:
+    with pytest.raises(Exception, match=r"(?i)trace|proxy|bool"):
+        symbolic_trace(_ScalesThenBranches())

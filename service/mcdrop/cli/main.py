@@ -457,6 +457,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         ]
         if coverage["whole_because"]:
             notes.append(f"{name}  runs whole (slower): {coverage['whole_because']}")
+        notes += [
+            f"{name}  opaque to fx, run eagerly, dropout caught at the dispatcher: {path}"
+            for path in coverage["opaque"]
+        ]
     print(
         f"{settings.model_repository}: {len(table) - 1} model(s)"
         + (f", {len(errors)} broken" if errors else "")

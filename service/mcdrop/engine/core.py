@@ -205,6 +205,7 @@ class MCEngine:
         """What samples and what does not, and why: the load report of metadata and `models`.
 
         {"program": "partitioned" | "whole", "whole_because": reason or None,
+         "opaque": {path: why fx cannot trace it} (submodules run eagerly inside the graph),
          "sampled": [{"name", "kind", "p" | "op"}], "not_sampled": [{"name", "reason"}]}
         """
         program = self.program
@@ -220,6 +221,7 @@ class MCEngine:
         return {
             "program": "whole" if whole else "partitioned",
             "whole_because": program.reason if isinstance(program, WholeProgram) else None,
+            "opaque": {} if isinstance(program, WholeProgram) else dict(program.opaque),
             "sampled": sampled,
             "not_sampled": not_sampled,
             "unstacked_recurrent": list(program.rewritten),

@@ -13,86 +13,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from mcdrop.engine.dispatch_sites import DropoutCalls, call_names
 from mcdrop.engine.random_ops import KeyedRandom, ModulePaths, RandomCall, UniformSource
-from mcdrop.engine.sampling import SamplingContext, Site, SiteKind
+from mcdrop.engine.sampling import SamplingContext, Site
 from mcdrop.engine.sites import SampleSelection, select_sites
 from mcdrop.engine.tracing import TRACE_LOCK
 from mcdrop.engine.training_branches import TrainingBranches
 from mcdrop.errors import ModelLoadError
 
 PROBE_ROWS = 8
-
-_ATEN_KINDS: dict[Any, SiteKind] = {
-    torch.ops.aten.dropout.default: "dropout",
-    torch.ops.aten.feature_dropout.default: "channel",
-    torch.ops.aten.alpha_dropout.default: "alpha",
-    torch.ops.aten.feature_alpha_dropout.default: "feature_alpha",
-}
-
-
-class _DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Sees every aten dropout call and SDPA with dropout; records them, or applies keyed masks."""
-
-    def __init__(
-        self,
-        ctx: SamplingContext | None,
-        selected: set[int] | None = None,
-        paths: ModulePaths | None = None,
-    ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.ctx = ctx
-        self.selected = selected
-        self.paths = paths
-        self.seen: list[tuple[SiteKind, float]] = []
-        self.where: list[tuple[str, tuple[int, ...]]] = []  # probing: module path, input shape
-        self.largest = 0  # elements of the largest op output seen (while probing)
-
-    def __torch_dispatch__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        kind, p = _site_of(func, args)
-        if kind is None:
-            out = func(*args, **kwargs)
-            if self.ctx is None and isinstance(out, Tensor):
-                self.largest = max(self.largest, out.numel())
-            return out
-        call = len(self.seen)
-        self.seen.append((kind, p))
-        if self.ctx is None:  # probing
-            path = "" if self.paths is None else self.paths.current
-            module_call = self.paths is not None and self.paths.current_is_dropout
-            self.where.append((path if module_call else f"{path}.{kind}".lstrip("."),
-                               tuple(args[0].shape)))  # fmt: skip
-        if self.ctx is None or self.selected is None or call not in self.selected:
-            if kind == "sdpa":  # probing, or not sampled: attention without its dropout
-                return func(*args[:4], 0.0, *args[5:], **kwargs)
-            return args[0]  # probing, or a site that does not sample: identity, as in eval
-        index = sorted(self.selected).index(call)
-        if kind == "sdpa":
-            q, k, v = args[:3]
-            mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-            causal = bool(args[5]) if len(args) > 5 else bool(kwargs.get("is_causal", False))
-            return self.ctx.sdpa(index, q, k, v, mask, p, causal, kwargs.get("scale"),
-                                 bool(kwargs.get("enable_gqa", False)))  # fmt: skip
-        return self.ctx.apply(index, args[0], kind, p)
-
-
-def _site_of(func: Any, args: tuple[Any, ...]) -> tuple[SiteKind | None, float]:
-    """The site kind and drop probability of a dispatcher call, or (None, 0) for other ops."""
-    if func is torch.ops.aten.scaled_dot_product_attention.default:
-        p = float(args[4]) if len(args) > 4 else 0.0
-        return ("sdpa", p) if p > 0 else (None, 0.0)
-    kind = _ATEN_KINDS.get(func)
-    if kind is None or float(args[1]) <= 0:
-        return None, 0.0
-    return kind, float(args[1])
 
 
 @dataclass
@@ -121,7 +51,7 @@ class WholeProgram:
 
     def run_suffix(self, boundary: list[Any], ctx: SamplingContext) -> Tensor:
         """Whole model on expanded rows, masks supplied at each dropout call."""
-        calls = _DropoutCalls(ctx, self.selected)
+        calls = DropoutCalls(ctx, {call: i for i, call in enumerate(sorted(self.selected))})
         first = len(self.sites) - len(self.random_calls)
         source = UniformSource(ctx.uniform, ctx.n_rows * ctx.samples)
         keyed = KeyedRandom(self.random_calls, first, source)
@@ -145,12 +75,12 @@ def whole_program(
     """Probe the model to list its dropout calls by module path, and check their batch dim."""
     paths = ModulePaths()
     scripted = isinstance(module, torch.jit.ScriptModule)  # no module hooks: calls are numbered
-    probe = _DropoutCalls(None, paths=None if scripted else paths)
+    probe = DropoutCalls(None, paths=None if scripted else paths)
     x = torch.zeros((PROBE_ROWS, *input_shape), dtype=dtype, device=_device_of(module))
     watching = contextlib.nullcontext() if scripted else paths.watching(module)  # fmt: skip
     with torch.inference_mode(), TRACE_LOCK.running(), watching, probe:
         module(x)
-    names = _names(probe.where, probe.seen, numbered=scripted)
+    names = call_names(probe.where, probe.seen, numbered=scripted)
     for name, (_, shape) in zip(names, probe.where, strict=True):
         if not shape or shape[0] != PROBE_ROWS:
             raise ModelLoadError(
@@ -164,24 +94,6 @@ def whole_program(
     row_elements = max(x[0].numel(), probe.largest // PROBE_ROWS, 1)
     return WholeProgram(module, sites, set(chosen), len(probe.seen), row_elements,
                         random_calls=list(random_calls), reason=reason)  # fmt: skip
-
-
-def _names(
-    where: list[tuple[str, tuple[int, ...]]], seen: list[tuple[SiteKind, float]], numbered: bool
-) -> list[str]:
-    """Module-path names of the probed calls (`encoder.attention.dropout`), numbered if repeated.
-
-    TorchScript archives have no module hooks to watch: their calls are dropout_call0, ...
-    """
-    if numbered:
-        return [f"dropout_call{i}" for i in range(len(seen))]
-    base = [name for name, _ in where]  # a dropout module's path, or path.kind for a call
-    counts: dict[str, int] = {}
-    names = []
-    for name in base:
-        counts[name] = counts.get(name, 0) + 1
-        names.append(name if base.count(name) == 1 else f"{name}{counts[name] - 1}")
-    return names
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -15,12 +15,30 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from mcdrop.engine.random_ops import KeyedRandom, RandomCall, UniformSource
-from mcdrop.engine.sampling import SamplingContext, Site
-from mcdrop.engine.sites import ELEMENTWISE, SampleSelection, find_sites, select_sites
+from mcdrop.engine.dispatch_sites import DispatchLeaf, DropoutCalls, call_names
+from mcdrop.engine.random_ops import KeyedRandom, ModulePaths, RandomCall, UniformSource
+from mcdrop.engine.sampling import SamplingContext, Site, SiteKind
+from mcdrop.engine.sites import (
+    ELEMENTWISE,
+    SampleSelection,
+    find_sites,
+    is_random_node,
+    select_sites,
+)
 from mcdrop.engine.tracing import TRACE_LOCK, symbolic_trace
 from mcdrop.engine.training_branches import TrainingBranches
 from mcdrop.errors import ModelLoadError
+
+
+@dataclass
+class _LeafCalls:
+    """What an opaque submodule did in the first probe run (batch 2), seen at the dispatcher."""
+
+    names: list[str]  # its dropout calls by module path, in order
+    seen: list[tuple[SiteKind, float]]
+    shapes: list[tuple[int, ...]]  # of each call's input
+    largest: int  # elements of its largest op output
+    random_ops: list[str]  # other random ops it issued
 
 
 @dataclass
@@ -28,6 +46,7 @@ class _Example:
     """What one node produced in the two probe runs (batch 2 and batch 3)."""
 
     values: dict[fx.Node, tuple[Any, Any]] = field(default_factory=dict)
+    leaves: dict[fx.Node, _LeafCalls] = field(default_factory=dict)
 
     def is_tensor(self, node: fx.Node) -> bool:
         return isinstance(self.values[node][0], Tensor)
@@ -42,15 +61,21 @@ class _Example:
         return a.numel() // 2 if isinstance(a, Tensor) and a.dim() > 0 else 0
 
 
-def _probe(gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype) -> _Example:
+def _probe(
+    gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype, opaque: set[str]
+) -> _Example:
+    """Run the graph at batch 2 and 3, recording every value; opaque calls are watched too."""
     example = _Example()
-    runs = []
+    runs: list[dict[fx.Node, Any]] = []
     for batch in (2, 3):
         seen: dict[fx.Node, Any] = {}
 
         class _Recorder(fx.Interpreter):
             def run_node(self, n: fx.Node, seen: dict[fx.Node, Any] = seen) -> Any:
-                out = super().run_node(n)
+                if n.op == "call_module" and n.target in opaque:
+                    out = _run_opaque(self, n, example if len(runs) == 0 else None)
+                else:
+                    out = super().run_node(n)
                 seen[n] = out
                 return out
 
@@ -62,6 +87,70 @@ def _probe(gm: fx.GraphModule, input_shape: tuple[int, ...], dtype: torch.dtype)
         if node in runs[0]:
             example.values[node] = (runs[0][node], runs[1][node])
     return example
+
+
+def _run_opaque(interpreter: fx.Interpreter, n: fx.Node, example: _Example | None) -> Any:
+    """One opaque submodule call with its dropout calls the identity; recorded into example."""
+    paths = ModulePaths()
+    calls = DropoutCalls(None, paths=paths)
+    with paths.watching(interpreter.module.get_submodule(str(n.target)), str(n.target)), calls:
+        out = fx.Interpreter.run_node(interpreter, n)
+    if example is not None:
+        names = call_names(calls.where, calls.seen, numbered=False)
+        shapes = [shape for _, shape in calls.where]
+        example.leaves[n] = _LeafCalls(names, calls.seen, shapes, calls.largest, calls.random_ops)
+    return out
+
+
+def _same_as_eager(gm: fx.GraphModule, module: nn.Module, x: Tensor) -> bool:
+    """Whether the graph computes what the model does (dropout off in both), bit for bit."""
+    with torch.inference_mode(), TRACE_LOCK.running():
+        with DropoutCalls(None):
+            graph_out = gm(x)
+        with DropoutCalls(None):
+            eager_out = module(x)
+    return _equal(graph_out, eager_out)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _drop_unused_values(graph: fx.Graph) -> None:
+    """Remove values nothing uses (an RNN's unused final states), keeping every op that may
+    write in place or have effects: a value the model throws away must not decide the boundary.
+    """
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(graph.nodes):
+            if not node.users and _pure(node):
+                graph.erase_node(node)
+                changed = True
+
+
+def _pure(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op not in ("call_function", "call_method"):
+        return False  # placeholders, output, modules (hooks, state) stay
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    operator_in_place = getattr(node.target, "__module__", "") == "_operator" and name[:1] == "i"
+    writes = (name.endswith("_") or "out" in node.kwargs or node.kwargs.get("inplace") is True
+              or any(a is True for a in node.args) or operator_in_place)  # fmt: skip
+    if writes or is_random_node(node):
+        return False
+    if isinstance(node.target, str):
+        return True  # a method, not in place
+    return not torch._library.utils.is_impure(
+        node.target, args=node.args, kwargs=node.kwargs, impure_random=True
+    )
 
 
 def _closure(starts: list[fx.Node]) -> set[fx.Node]:
@@ -98,6 +187,7 @@ class PartitionedProgram:
     random_calls: list[RandomCall] = field(default_factory=list)
     branches: TrainingBranches = field(default_factory=TrainingBranches)  # set by the loader
     rewritten: list[str] = field(default_factory=list)  # recurrent modules unstacked at load
+    opaque: dict[str, str] = field(default_factory=dict)  # untraceable submodules: why
 
     def run_prefix(self, x: Tensor) -> list[Any]:
         """Deterministic prefix, once per input row."""
@@ -127,33 +217,62 @@ def partition_program(
     random_calls are the random ops of its training branches, in execution order, as probed
     eagerly; the graph must hold the same ones, in the same order, or it cannot be used.
     """
-    gm = symbolic_trace(module)
+    gm, opaque = symbolic_trace(module)
+    _drop_unused_values(gm.graph)
     found = find_sites(gm)
     randoms = [f for f in found if f.site.kind == "random"]
     if [_family(f.node) for f in randoms] != [c.op for c in random_calls]:
         raise _Untraceable("the traced graph's random ops differ from the model's own")
     found = [f for f in found if f.site.kind != "random"]
-    names = [f.site.name for f in found]
+    by_node = {f.node: f for f in found}
+    random_nodes = {f.node for f in randoms}
+    example = _probe(gm, input_shape, dtype, set(opaque))
+    for node, calls in example.leaves.items():
+        if calls.random_ops:
+            raise _Untraceable(f"{node.target}, which fx cannot trace, draws random numbers")
+    if opaque and not random_calls:
+        x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(1), dtype=dtype)
+        if not _same_as_eager(gm, module, x):
+            raise _Untraceable("the graph with opaque submodules differs from the model")
+    leaves = {n: c for n, c in example.leaves.items() if c.seen}
+
+    # Every stochastic op in execution order: a traced site (node, None) or call j of an
+    # opaque submodule (node, j).
+    entries: list[tuple[fx.Node, int | None]] = []
+    names: list[str] = []
+    for n in gm.graph.nodes:
+        if n in by_node:
+            entries.append((n, None))
+            names.append(by_node[n].site.name)
+        elif n in leaves:
+            entries += [(n, j) for j in range(len(leaves[n].seen))]
+            names += leaves[n].names
     picked = select_sites(names, sample) if names or not randoms else []
-    chosen = {found[i].node for i in picked}
-    sites = [f.site for f in found if f.node in chosen]
+    index = {entries[i]: k for k, i in enumerate(picked)}  # chosen op -> its site number
+    chosen = {node for node, _ in index}
+    sites = [by_node[n].site if j is None else Site(leaves[n].names[j], *leaves[n].seen[j])
+             for n, j in index]  # fmt: skip
     for draw, call in zip(randoms, random_calls, strict=True):  # they always sample
         draw.site = Site(call.name, "random", 0.0, op=call.op)
         chosen.add(draw.node)
         sites.append(draw.site)
-    by_node = {f.node: f for f in found}
-    random_nodes = {f.node for f in randoms}
-    example = _probe(gm, input_shape, dtype)
     for site in found:  # an element-wise site must drop something with the batch in dim 0
         if site.node in chosen and site.site.kind in ELEMENTWISE:
             src = site.bound["input"]
             if isinstance(src, fx.Node) and not example.batched(src):
                 what = f"parameter '{src.target}'" if src.op == "get_attr" else f"'{src.name}'"
-                raise ModelLoadError(
-                    f"{site.site.name}: drops {what}, which has no batch dimension (DropConnect?): "
-                    "one mask would be shared by every row and sample; a weight mask per MC "
-                    "sample is not supported, so this model is refused"
-                )
+                raise _refused_unbatched(site.site.name, what)
+    for (n, j), number in index.items():
+        if j is not None and leaves[n].shapes[j][:1] != (2,):
+            raise _refused_unbatched(
+                sites[number].name, f"a tensor of shape {list(leaves[n].shapes[j])}"
+            )
+    runners = {}  # opaque submodules with dropout calls run through a DispatchLeaf
+    for number, (n, calls) in enumerate(leaves.items()):
+        site_index = {j: index[(n, j)] for j in range(len(calls.seen)) if (n, j) in index}
+        runners[n] = f"mc_opaque_{number}"
+        leaf = DispatchLeaf(gm.get_submodule(str(n.target)), site_index, len(calls.seen))
+        gm.add_submodule(runners[n], leaf)
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     sampled = _closure(list(chosen))
     depends_on_input = _closure([placeholder])
@@ -183,10 +302,15 @@ def partition_program(
         if n in by_node and n not in chosen and by_node[n].site.kind in ELEMENTWISE:
             env[n] = env[n.args[0]]  # unselected dropout: identity
             continue
+        if n in runners:  # its dropout calls the identity, as in eval
+            args = fx.node.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a])
+            env[n] = prefix_graph.call_module(runners[n], (None, *args), kwargs)
+            continue
         env[n] = prefix_graph.node_copy(n, lambda a: env[a])
     prefix_graph.output(tuple(env[n] for n in boundary))
     prefix = fx.GraphModule(gm, prefix_graph)
-    prefix.graph.eliminate_dead_code()
+    _drop_unused_values(prefix.graph)
     prefix.recompile()
 
     graph = fx.Graph()
@@ -204,15 +328,21 @@ def partition_program(
         return expanded[n]
 
     senv: dict[fx.Node, fx.Node] = {}
-    index = {f.node: i for i, f in enumerate(f for f in found if f.node in chosen)}
     for n in gm.graph.nodes:
         if n not in suffix_nodes:
             continue
         f = by_node.get(n)
-        if f is not None and f.site.kind in ELEMENTWISE:
+        if n in runners:
+            args = fx.node.map_arg(n.args, value)
+            kwargs = fx.node.map_arg(n.kwargs, value)
+            leaf_ctx = ctx if n in chosen else None
+            senv[n] = graph.call_module(runners[n], (leaf_ctx, *args), kwargs)
+        elif f is not None and f.site.kind in ELEMENTWISE:
             src = f.bound["input"]
             if n in chosen:
-                senv[n] = graph.call_method("dropout", (ctx, index[n], value(src, fusable=True)))
+                senv[n] = graph.call_method(
+                    "dropout", (ctx, index[n, None], value(src, fusable=True))
+                )
             else:
                 senv[n] = value(src)
         elif f is not None and n in chosen:
@@ -220,7 +350,7 @@ def partition_program(
             bound.pop("dropout_p", None)
             q, k, v = bound.pop("query"), bound.pop("key"), bound.pop("value")
             method = "sdpa" if f.site.kind == "sdpa" else "multihead_attention"
-            senv[n] = graph.call_method(method, (ctx, index[n], q, k, v), bound)
+            senv[n] = graph.call_method(method, (ctx, index[n, None], q, k, v), bound)
         elif n.op == "call_method" and str(n.target).endswith("_") and n in random_nodes:
             # An in-place draw (bernoulli_) into an expanded boundary value, which may alias
             # one row's memory across its samples: draw into a copy instead.
@@ -233,7 +363,8 @@ def partition_program(
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     graph.output(fx.node.map_arg(out_node.args[0], value))
 
-    row_elements = max([example.row_elements(n) for n in suffix_nodes] + [1])
+    inner = [leaves[n].largest // 2 for n in leaves if n in suffix_nodes]
+    row_elements = max([example.row_elements(n) for n in suffix_nodes] + inner + [1])
     return PartitionedProgram(
         prefix=prefix,
         suffix=fx.GraphModule(gm, graph),
@@ -241,4 +372,13 @@ def partition_program(
         sites=sites,
         row_elements=row_elements,
         random_calls=list(random_calls),
+        opaque=opaque,
+    )
+
+
+def _refused_unbatched(name: str, what: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"{name}: drops {what}, which has no batch dimension (DropConnect?): one mask would be "
+        "shared by every row and sample; a weight mask per MC sample is not supported, so this "
+        "model is refused"
     )

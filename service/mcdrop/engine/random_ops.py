@@ -218,12 +218,14 @@ class ModulePaths:
         self.dropout_paths: set[str] = set()  # paths of dropout-family modules
 
     @contextmanager
-    def watching(self, model: nn.Module) -> Iterator[None]:
-        """Track module entries and exits of `model` while the block runs."""
+    def watching(self, model: nn.Module, prefix: str = "") -> Iterator[None]:
+        """Track module entries and exits of `model` (at path `prefix`) while the block runs."""
         handles = []
-        for path, module in model.named_modules():
-            if not path:
+        self.stack = [prefix]
+        for inner, module in model.named_modules():
+            if not inner:
                 continue
+            path = f"{prefix}.{inner}" if prefix else inner
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 self.dropout_paths.add(path)
 

@@ -9,8 +9,9 @@ running models to finish and holds new ones back until it is done; runs share th
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
@@ -69,7 +70,65 @@ class TraceLock:
 TRACE_LOCK = TraceLock()
 
 
-def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    """`fx.symbolic_trace` that never overlaps a model running in another thread."""
+class OpaqueLeafTracer(fx.Tracer):
+    """A tracer that keeps a submodule it cannot trace through as one opaque call.
+
+    When a submodule's forward fails to trace, the nodes it left are removed and the call is
+    recorded as a leaf instead, so only the innermost untraceable modules stay opaque and the
+    rest of the model is still a graph. `opaque` maps each such path to the tracing error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opaque: dict[str, str] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.opaque or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+    def call_module(
+        self,
+        m: nn.Module,
+        forward: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        path = self.path_of_module(m)
+        if self.is_leaf_module(m, path):
+            return super().call_module(m, forward, args, kwargs)
+        last = next(reversed(self.graph.nodes), None)
+        stack, calls = dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:  # this module is kept whole; the tracer's state rolled back
+            self._erase_after(last)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls = calls
+            self.opaque[path] = f"{type(exc).__name__}: {exc}"
+            return super().call_module(m, forward, args, kwargs)
+
+    def _erase_after(self, last: fx.Node | None) -> None:
+        """Remove what a failed forward added; attribute reads stay (the tracer caches them)."""
+        added = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            added.append(node)
+        for node in added:
+            if node.op != "get_attr" and not node.users:
+                self.graph.erase_node(node)
+
+
+def symbolic_trace(module: nn.Module) -> tuple[fx.GraphModule, dict[str, str]]:
+    """Trace `module`, its untraceable submodules kept opaque; never overlaps a running model.
+
+    Returns the graph module and the opaque submodules' paths with the reason for each.
+    Raises if even the model's own forward cannot be traced.
+    """
     with TRACE_LOCK.tracing():
-        return fx.symbolic_trace(module)
+        tracer = OpaqueLeafTracer()
+        graph = tracer.trace(module)
+        name = type(module).__name__
+        return fx.GraphModule(tracer.root, graph, name), tracer.opaque
