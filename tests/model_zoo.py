@@ -3,7 +3,7 @@
 The acceptance harness of "the engine samples the whole dropout family" (tests/test_zoo.py):
 timm's DropPath and fused attention, AWD-LSTM's LockedDropout, hand-written Bernoulli and
 Gaussian dropout, nn.LSTM inter-layer dropout, Hugging Face's attention dropout gated on
-`self.training`, DropConnect (to be refused), a U-Net with Dropout2d and a model with a
+`self.training`, DropConnect (a weight mask per call), a U-Net with Dropout2d and a model with a
 deterministic training-only branch. No library is imported: each module is rewritten here.
 Also the reference every engine answer is held to: the model's own training-mode passes.
 """
@@ -532,7 +532,7 @@ class DropConnectLinear(nn.Linear):
 
 
 class DropConnectNet(nn.Module):
-    """Linear -> ReLU -> DropConnectLinear at module path `dc_fc`: expected refused at load."""
+    """Linear -> ReLU -> DropConnectLinear at module path `dc_fc`."""
 
     def __init__(self, features: int = 6, hidden: int = 16, outputs: int = 3) -> None:
         super().__init__()
@@ -543,7 +543,34 @@ class DropConnectNet(nn.Module):
         return self.dc_fc(torch.relu(self.fc1(x)))  # type: ignore[no-any-return]
 
 
-DROPCONNECT_MODULE = "dc_fc"  # the module path a refusal must name (with 'weight')
+class InputDropoutLinear(nn.Module):
+    """The same linear layer with dropout on its input instead: one mask shared by the outputs."""
+
+    def __init__(self, weight: list[list[float]], bias: list[float], p: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(weight))
+        self.bias = nn.Parameter(torch.tensor(bias))
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.dropout(x, self.p, training=True), self.weight, self.bias)
+
+
+# weight [2 outputs, 4 inputs], bias, p: for the closed forms of DropConnect and input dropout
+DROPCONNECT_LINEAR = ([[0.5, -1.0, 0.25, 2.0], [1.5, 0.5, -0.75, 1.0]], [0.1, -0.2], 0.3)
+
+
+def build_dropconnect_linear() -> nn.Module:
+    weight, bias, p = DROPCONNECT_LINEAR
+    layer = DropConnectLinear(4, 2, p)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor(weight))
+        layer.bias.copy_(torch.tensor(bias))
+    return layer.eval()
+
+
+def build_input_dropout_linear() -> nn.Module:
+    return InputDropoutLinear(*DROPCONNECT_LINEAR).eval()
 
 
 # -- a small U-Net with Dropout2d in the bottleneck -----------------------------------------------
@@ -729,12 +756,15 @@ ZOO: dict[str, ZooEntry] = {
     "bert_sdpa": ZooEntry(build_bert_sdpa, (5, 16), "classification", "sampled"),
     "unet": ZooEntry(build_unet, (1, 16, 16), "regression", "sampled"),
     "aux_head_bn": ZooEntry(build_aux_head, (6,), "classification", "sampled"),
-    "dropconnect": ZooEntry(build_dropconnect, (6,), "regression", "refused"),
+    "dropconnect": ZooEntry(build_dropconnect, (6,), "regression", "sampled"),
 }
 
 # Modules (qualified names, "" the root) whose training branch is deterministic: the recipe,
 # like the engine, keeps them in eval mode.
 DETERMINISTIC: Mapping[str, tuple[str, ...]] = {"aux_head_bn": ("",)}
+# Models drawing one mask per forward call (a weight mask), shared by every row of the call:
+# their training-mode reference needs one pass per call (`training_mode_samples`).
+MASK_PER_CALL: frozenset[str] = frozenset({"dropconnect"})
 
 
 # -- the reference: the model's own training-mode passes ------------------------------------

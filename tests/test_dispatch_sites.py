@@ -4,7 +4,9 @@ sampled op, and the answers are those of running the model whole."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mcdrop.engine.core import MCEngine, MCOptions
@@ -12,6 +14,7 @@ from mcdrop.engine.fallback import WholeProgram, whole_program
 from mcdrop.engine.partition import PartitionedProgram
 from mcdrop.engine.program import prepare_program
 from mcdrop.engine.sampling import RowKeys, SamplingContext
+from mcdrop.errors import ModelLoadError
 from mcdrop.uncertainty import RegressionSummary
 
 
@@ -126,3 +129,35 @@ def test_coverage_lists_the_opaque_submodules_with_the_reason() -> None:
     assert coverage["program"] == "partitioned"
     assert list(coverage["opaque"]) == ["block"]
     assert [s["name"] for s in coverage["sampled"]] == ["block.drop"]
+
+
+class GatedDropConnect(nn.Linear):
+    """DropConnect behind control flow on a value: neither fx nor the engine can key it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.abs().sum() < 0):
+            return x
+        return F.linear(x, F.dropout(self.weight, 0.3, training=True), self.bias)
+
+
+class WrapsGatedDropConnect(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = GatedDropConnect(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.block(x))
+
+
+@pytest.mark.parametrize(
+    ("model", "parameter"),
+    [(WrapsGatedDropConnect(), "block.weight"), (GatedDropConnect(3, 2), "weight")],
+    ids=["opaque submodule", "whole model"],
+)
+def test_untraceable_dropconnect_is_refused_at_load_naming_the_parameter(
+    model: nn.Module, parameter: str
+) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        MCEngine(model, task="regression", input_shape=(3,))
+    assert f"parameter '{parameter}'" in str(info.value), str(info.value)
+    assert "DropConnect" in str(info.value)

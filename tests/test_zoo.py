@@ -1,5 +1,6 @@
 """Acceptance of "the engine samples the whole dropout family": the model zoo against its own
-training-mode passes, seeds, untouched weights, DropConnect refused, and two closed forms.
+training-mode passes, seeds, untouched weights, and closed forms (Gaussian dropout, DropConnect
+against input dropout, DropPath).
 
 Every comparison is within a Monte Carlo band derived from the sample count (see
 `model_zoo.variance_ratio_tolerance`), never a hand-tuned constant.
@@ -16,15 +17,17 @@ from conftest import summary_tensors
 from model_zoo import (
     DETERMINISTIC,
     DROP_PATH_P,
-    DROPCONNECT_MODULE,
+    DROPCONNECT_LINEAR,
     GAUSSIAN_LINEAR,
+    MASK_PER_CALL,
     ZOO,
     AuxHeadNet,
     DropPathResidual,
     build_aux_head,
     build_drop_path_residual,
-    build_dropconnect,
+    build_dropconnect_linear,
     build_gaussian_linear,
+    build_input_dropout_linear,
     excess_kurtosis,
     training_mode_recipe,
     training_mode_samples,
@@ -34,7 +37,6 @@ from model_zoo import (
 from torch import Tensor, nn
 
 from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
-from mcdrop.errors import ModelLoadError
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 
 SAMPLES = 2000
@@ -83,7 +85,12 @@ def test_engine_variance_equals_the_models_own_training_mode_variance(name: str)
     model = ZOO[name].factory()
     x = _rows(name)
     reference = training_mode_samples(  # before the engine sees the model, [S, B, D]
-        model, x, SAMPLES, seed=1, deterministic=DETERMINISTIC.get(name, ())
+        model,
+        x,
+        SAMPLES,
+        seed=1,
+        deterministic=DETERMINISTIC.get(name, ()),
+        passes_per_call=1 if name in MASK_PER_CALL else 250,
     )
     ref_var = reference.var(dim=0)
     engine = _regression_engine(model, name)
@@ -149,17 +156,6 @@ def test_parameters_and_buffers_stay_bit_identical_after_many_runs(name: str) ->
     assert not any(model.get_submodule(n).training for n in norms), f"{name}: a norm trains"
 
 
-# -- (d) DropConnect is refused at load, by name ---------------------------------------------
-
-
-def test_dropconnect_is_refused_at_load_naming_the_module_and_its_weight() -> None:
-    with pytest.raises(ModelLoadError) as info:
-        MCEngine(build_dropconnect(), task="regression", input_shape=ZOO["dropconnect"].input_shape)
-    message = str(info.value)
-    assert DROPCONNECT_MODULE in message, message
-    assert "weight" in message, message
-
-
 # -- (e), (f) closed forms ---------------------------------------------------------------------
 
 
@@ -184,6 +180,44 @@ def test_gaussian_dropout_on_one_linear_layer_has_variance_sigma2_sum_w2_x2() ->
         f"engine variance / σ²Σw²x² = {ratio.tolist()}, expected 1 ± {tol:.3f} "
         f"(4·√(2/(N-1)), N = {SAMPLES})"
     )
+
+
+@pytest.mark.slow
+def test_dropconnect_on_a_two_output_linear_layer_has_independent_outputs() -> None:
+    """y_j = Σ_i w_ji x_i m_ji / (1-p): Var y_j = p/(1-p) Σ_i (w_ji x_i)², Cov(y_1, y_2) = 0;
+    input dropout (one mask m_i shared by both outputs) has Cov = p/(1-p) Σ_i w_1i w_2i x_i²."""
+    weight, _, p = DROPCONNECT_LINEAR
+    w = torch.tensor(weight, dtype=torch.float64)
+    x = torch.tensor([[1.0, 2.0, -0.5, 1.5], [0.5, -1.0, 2.0, 0.25]])
+    a = w[None] * x.to(torch.float64)[:, None, :]  # [B, out, in]: the terms w_ji x_i
+    var = p / (1 - p) * a.square().sum(dim=-1)  # [B, 2]
+    q = 1 - p  # each term a two-point variable: excess kurtosis (1 - 6pq)/(pq), pooled below
+    kappa = (1 - 6 * p * q) / (p * q) * a.pow(4).sum(dim=-1) / a.square().sum(dim=-1).square()
+    input_cov = p / (1 - p) * (a[:, 0] * a[:, 1]).sum(dim=-1)  # [B]
+    bands = []
+    for build, kind, cov in ((build_dropconnect_linear, "dropconnect", torch.zeros(2)),
+                             (build_input_dropout_linear, "dropout", input_cov)):  # fmt: skip
+        engine = MCEngine(build(), task="regression", input_shape=(4,))
+        assert [s.kind for s in engine.sites] == [kind]
+        out = engine.run(x, MCOptions(samples=SAMPLES, seed=9, return_samples=SAMPLES))
+        assert isinstance(out, RegressionSummary)
+        assert out.samples is not None
+        y = out.samples.to(torch.float64)  # [B, N, 2]
+        ratio = _epistemic(out) / var
+        tol = torch.tensor([[variance_tolerance(SAMPLES, float(k)) for k in row] for row in kappa])
+        assert bool(((ratio - 1).abs() <= tol).all()), (
+            f"{kind}: engine variance / (p/(1-p) Σ w² x²) = {ratio.tolist()}, expected 1 ± "
+            f"{tol.tolist()} (4·√(2/(N-1) + κ/N), κ of a sum of two-point terms)"
+        )
+        centred = y - y.mean(dim=1, keepdim=True)
+        products = centred[..., 0] * centred[..., 1]  # [B, N]
+        got = products.sum(dim=1) / (SAMPLES - 1)
+        band = 4 * products.std(dim=1) / math.sqrt(SAMPLES)  # 4 standard errors of the mean
+        bands.append(band)
+        assert bool(((got - cov).abs() <= band).all()), (
+            f"{kind}: Cov(y1, y2) = {got.tolist()}, expected {cov.tolist()} ± {band.tolist()}"
+        )
+    assert bool((input_cov.abs() > bands[0] + bands[1]).all()), "the bands overlap: no power"
 
 
 def _drop_path_closed_form(model: DropPathResidual, x: Tensor) -> tuple[Tensor, Tensor, float]:

@@ -74,9 +74,14 @@ def training_mode_features(
     samples: int,
     features: Callable[[Tensor], Tensor],
     kept_in_eval: list[str],
+    one_sample_per_pass: bool = False,
 ) -> Tensor:
-    """The model's own training-mode passes on rows x [B, ...]: features [B, samples, F]."""
-    per_pass = max(1, PASS_ROWS // len(x))
+    """The model's own training-mode passes on rows x [B, ...]: features [B, samples, F].
+
+    Many samples share a forward call unless one_sample_per_pass: a weight mask (DropConnect)
+    is drawn once per call, so samples sharing a call would share it.
+    """
+    per_pass = 1 if one_sample_per_pass else max(1, PASS_ROWS // len(x))
     chunks = []
     with buffers_kept(module), training_mode(module, kept_in_eval), torch.inference_mode(), \
             TRACE_LOCK.running():  # fmt: skip

@@ -180,8 +180,9 @@ class MCEngine:
                 return mean if head.scale is None else mean * head.scale
 
         branches = self.program.branches
+        weight_masks = any(site.kind == "dropconnect" for site in self.sites)
         reference = training_mode_features(
-            module, x, samples, features, branches.deterministic + branches.ignored
+            module, x, samples, features, branches.deterministic + branches.ignored, weight_masks
         )
         report = compare(engine_variance, reference, samples)
         if report.verdict == "shortfall":

@@ -44,6 +44,7 @@ class DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.paths = paths
         self.seen: list[tuple[SiteKind, float]] = []
         self.where: list[tuple[str, tuple[int, ...]]] = []  # probing: module path, input shape
+        self.inputs: list[Tensor] = []  # probing: each call's input, to name a dropped weight
         self.largest = 0  # elements of the largest op output seen (while probing)
         self.random_ops: list[str] = []  # other random ops issued (bernoulli, randn, ...)
 
@@ -72,6 +73,7 @@ class DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
             module_call = self.paths is not None and self.paths.current_is_dropout
             self.where.append((path if module_call else f"{path}.{kind}".lstrip("."),
                                tuple(args[0].shape)))  # fmt: skip
+            self.inputs.append(args[0])
         index = self.site_index.get(call)
         if self.ctx is None or index is None:
             if kind == "sdpa":  # probing, or not sampled: attention without its dropout
@@ -113,6 +115,23 @@ def call_names(
         counts[name] = counts.get(name, 0) + 1
         names.append(name if base.count(name) == 1 else f"{name}{counts[name] - 1}")
     return names
+
+
+def dropped_parameters(model: nn.Module, probe: DropoutCalls) -> list[str | None]:
+    """The parameter each probed call drops (DropConnect on a weight), by name, else None."""
+    params = {id(p): name for name, p in model.named_parameters()}
+    return [params.get(id(t)) for t in probe.inputs]
+
+
+def unbatched(
+    parameter: str | None, shapes: tuple[tuple[int, ...], ...], rows: tuple[int, ...]
+) -> str | None:
+    """What a call drops if it has no batch dimension (its shapes at probe `rows`), else None."""
+    if parameter is not None:
+        return f"parameter '{parameter}'"
+    if any(shape[:1] != (n,) for shape, n in zip(shapes, rows, strict=True)):
+        return f"a tensor of shape {list(shapes[0])}"
+    return None
 
 
 class DispatchLeaf(nn.Module):

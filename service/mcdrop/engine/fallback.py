@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mcdrop.engine.dispatch_sites import DropoutCalls, call_names
+from mcdrop.engine.dispatch_sites import DropoutCalls, call_names, dropped_parameters, unbatched
 from mcdrop.engine.random_ops import KeyedRandom, ModulePaths, RandomCall, UniformSource
 from mcdrop.engine.sampling import SamplingContext, Site
-from mcdrop.engine.sites import SampleSelection, select_sites
+from mcdrop.engine.sites import SampleSelection, refused_unbatched, select_sites
 from mcdrop.engine.tracing import TRACE_LOCK
 from mcdrop.engine.training_branches import TrainingBranches
-from mcdrop.errors import ModelLoadError
 
 PROBE_ROWS = 8
 
@@ -81,13 +80,11 @@ def whole_program(
     with torch.inference_mode(), TRACE_LOCK.running(), watching, probe:
         module(x)
     names = call_names(probe.where, probe.seen, numbered=scripted)
-    for name, (_, shape) in zip(names, probe.where, strict=True):
-        if not shape or shape[0] != PROBE_ROWS:
-            raise ModelLoadError(
-                f"{name}: drops a tensor of shape {list(shape)} without the batch in dimension 0 "
-                "(DropConnect on a weight?): one mask would be shared by every row and sample; "
-                "a weight mask per MC sample is not supported, so this model is refused"
-            )
+    parameters = dropped_parameters(module, probe)
+    for name, (_, shape), parameter in zip(names, probe.where, parameters, strict=True):
+        what = unbatched(parameter, (shape,), (PROBE_ROWS,))
+        if what is not None:
+            raise refused_unbatched(name, what)
     chosen = select_sites(names, sample) if names or not random_calls else []
     sites = [Site(names[i], *probe.seen[i]) for i in chosen]
     sites += [Site(c.name, "random", 0.0, op=c.op) for c in random_calls]

@@ -8,26 +8,36 @@ suffix needs are recomputed there from the expanded values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from mcdrop.engine.dispatch_sites import DispatchLeaf, DropoutCalls, call_names
+from mcdrop.engine.dispatch_sites import (
+    DispatchLeaf,
+    DropoutCalls,
+    call_names,
+    dropped_parameters,
+    unbatched,
+)
 from mcdrop.engine.random_ops import KeyedRandom, ModulePaths, RandomCall, UniformSource
 from mcdrop.engine.sampling import SamplingContext, Site, SiteKind
 from mcdrop.engine.sites import (
     ELEMENTWISE,
+    FoundSite,
     SampleSelection,
+    bind_arguments,
     find_sites,
     is_random_node,
+    refused_unbatched,
     select_sites,
 )
 from mcdrop.engine.tracing import TRACE_LOCK, symbolic_trace
 from mcdrop.engine.training_branches import TrainingBranches
-from mcdrop.errors import ModelLoadError
 
 
 @dataclass
@@ -36,7 +46,8 @@ class _LeafCalls:
 
     names: list[str]  # its dropout calls by module path, in order
     seen: list[tuple[SiteKind, float]]
-    shapes: list[tuple[int, ...]]  # of each call's input
+    shapes: list[tuple[tuple[int, ...], ...]]  # of each call's input, at batch 2 and 3
+    parameters: list[str | None]  # the parameter each call drops (DropConnect), if any
     largest: int  # elements of its largest op output
     random_ops: list[str]  # other random ops it issued
 
@@ -73,7 +84,7 @@ def _probe(
         class _Recorder(fx.Interpreter):
             def run_node(self, n: fx.Node, seen: dict[fx.Node, Any] = seen) -> Any:
                 if n.op == "call_module" and n.target in opaque:
-                    out = _run_opaque(self, n, example if len(runs) == 0 else None)
+                    out = _run_opaque(self, n, example, first=not runs)
                 else:
                     out = super().run_node(n)
                 seen[n] = out
@@ -89,16 +100,21 @@ def _probe(
     return example
 
 
-def _run_opaque(interpreter: fx.Interpreter, n: fx.Node, example: _Example | None) -> Any:
+def _run_opaque(interpreter: fx.Interpreter, n: fx.Node, example: _Example, first: bool) -> Any:
     """One opaque submodule call with its dropout calls the identity; recorded into example."""
     paths = ModulePaths()
     calls = DropoutCalls(None, paths=paths)
     with paths.watching(interpreter.module.get_submodule(str(n.target)), str(n.target)), calls:
         out = fx.Interpreter.run_node(interpreter, n)
-    if example is not None:
+    shapes = [shape for _, shape in calls.where]
+    if first:
         names = call_names(calls.where, calls.seen, numbered=False)
-        shapes = [shape for _, shape in calls.where]
-        example.leaves[n] = _LeafCalls(names, calls.seen, shapes, calls.largest, calls.random_ops)
+        parameters = dropped_parameters(interpreter.module, calls)
+        example.leaves[n] = _LeafCalls(names, calls.seen, [(s,) for s in shapes], parameters,
+                                       calls.largest, calls.random_ops)  # fmt: skip
+    elif n in example.leaves and len(shapes) == len(example.leaves[n].shapes):
+        leaf = example.leaves[n]
+        leaf.shapes = [(*before, now) for before, now in zip(leaf.shapes, shapes, strict=True)]
     return out
 
 
@@ -120,6 +136,25 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     return bool(a == b)
+
+
+def _drop_connects(found: list[FoundSite]) -> dict[fx.Node, fx.Node]:
+    """Dropout of a parameter feeding only F.linear as its weight (DropConnect), to its linear.
+
+    Such sites become kind "dropconnect": the engine draws a weight mask per row and sample.
+    """
+    connects = {}
+    for f in found:
+        src = f.bound.get("input")
+        if f.site.kind != "dropout" or not isinstance(src, fx.Node) or src.op != "get_attr":
+            continue
+        users = list(f.node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target is F.linear:
+            linear = bind_arguments(_LINEAR_ARGS, users[0].args, users[0].kwargs)
+            if linear.get("weight") is f.node and linear.get("input") is not f.node:
+                connects[f.node] = users[0]
+                f.site = dataclasses.replace(f.site, kind="dropconnect")
+    return connects
 
 
 def _drop_unused_values(graph: fx.Graph) -> None:
@@ -163,6 +198,10 @@ def _closure(starts: list[fx.Node]) -> set[fx.Node]:
             seen.add(n)
             stack.extend(u for u in n.users if u.op != "output")
     return seen
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+_MASKING = ELEMENTWISE | {"dropconnect"}  # sites that are the identity when not sampled
 
 
 class _Untraceable(Exception):
@@ -224,6 +263,7 @@ def partition_program(
     if [_family(f.node) for f in randoms] != [c.op for c in random_calls]:
         raise _Untraceable("the traced graph's random ops differ from the model's own")
     found = [f for f in found if f.site.kind != "random"]
+    connects = _drop_connects(found)  # dropout on a weight -> the linear using it
     by_node = {f.node: f for f in found}
     random_nodes = {f.node for f in randoms}
     example = _probe(gm, input_shape, dtype, set(opaque))
@@ -261,12 +301,13 @@ def partition_program(
             src = site.bound["input"]
             if isinstance(src, fx.Node) and not example.batched(src):
                 what = f"parameter '{src.target}'" if src.op == "get_attr" else f"'{src.name}'"
-                raise _refused_unbatched(site.site.name, what)
+                raise refused_unbatched(site.site.name, what)
     for (n, j), number in index.items():
-        if j is not None and leaves[n].shapes[j][:1] != (2,):
-            raise _refused_unbatched(
-                sites[number].name, f"a tensor of shape {list(leaves[n].shapes[j])}"
-            )
+        if j is None:
+            continue
+        unkeyed = unbatched(leaves[n].parameters[j], leaves[n].shapes[j], (2, 3))
+        if unkeyed is not None:
+            raise refused_unbatched(sites[number].name, unkeyed)
     runners = {}  # opaque submodules with dropout calls run through a DispatchLeaf
     for number, (n, calls) in enumerate(leaves.items()):
         site_index = {j: index[(n, j)] for j in range(len(calls.seen)) if (n, j) in index}
@@ -299,8 +340,8 @@ def partition_program(
     for n in gm.graph.nodes:
         if n in suffix_nodes or n.op == "output":
             continue
-        if n in by_node and n not in chosen and by_node[n].site.kind in ELEMENTWISE:
-            env[n] = env[n.args[0]]  # unselected dropout: identity
+        if n in by_node and n not in chosen and by_node[n].site.kind in _MASKING:
+            env[n] = env[by_node[n].bound["input"]]  # unselected dropout: identity
             continue
         if n in runners:  # its dropout calls the identity, as in eval
             args = fx.node.map_arg(n.args, lambda a: env[a])
@@ -328,6 +369,7 @@ def partition_program(
         return expanded[n]
 
     senv: dict[fx.Node, fx.Node] = {}
+    linear_of = {linear: site for site, linear in connects.items()}
     for n in gm.graph.nodes:
         if n not in suffix_nodes:
             continue
@@ -337,6 +379,17 @@ def partition_program(
             kwargs = fx.node.map_arg(n.kwargs, value)
             leaf_ctx = ctx if n in chosen else None
             senv[n] = graph.call_module(runners[n], (leaf_ctx, *args), kwargs)
+        elif f is not None and f.site.kind == "dropconnect":
+            if n not in chosen:
+                senv[n] = value(f.bound["input"])  # identity; its linear is copied as is
+        elif n in linear_of and linear_of[n] in chosen:
+            dropped = linear_of[n]
+            bound = bind_arguments(_LINEAR_ARGS, n.args, n.kwargs)
+            bias = bound.get("bias")
+            args = (ctx, index[dropped, None], value(bound["input"], fusable=True),
+                    value(by_node[dropped].bound["input"]),
+                    value(bias) if isinstance(bias, fx.Node) else bias)  # fmt: skip
+            senv[n] = graph.call_method("drop_connect", args)
         elif f is not None and f.site.kind in ELEMENTWISE:
             src = f.bound["input"]
             if n in chosen:
@@ -364,6 +417,7 @@ def partition_program(
     graph.output(fx.node.map_arg(out_node.args[0], value))
 
     inner = [leaves[n].largest // 2 for n in leaves if n in suffix_nodes]
+    inner += [_numel(example.values[by_node[n].bound["input"]][0]) for n in connects if n in chosen]
     row_elements = max([example.row_elements(n) for n in suffix_nodes] + inner + [1])
     return PartitionedProgram(
         prefix=prefix,
@@ -376,9 +430,5 @@ def partition_program(
     )
 
 
-def _refused_unbatched(name: str, what: str) -> ModelLoadError:
-    return ModelLoadError(
-        f"{name}: drops {what}, which has no batch dimension (DropConnect?): one mask would be "
-        "shared by every row and sample; a weight mask per MC sample is not supported, so this "
-        "model is refused"
-    )
+def _numel(value: Any) -> int:
+    return value.numel() if isinstance(value, Tensor) else 0

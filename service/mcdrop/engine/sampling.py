@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from mcdrop.engine.masks import keep_mask, quantized_drop_probability
 from mcdrop.engine.random_ops import keyed_uniform
 
-SiteKind = Literal["dropout", "channel", "alpha", "feature_alpha", "attention", "sdpa", "random"]
+SiteKind = Literal[
+    "dropout", "channel", "alpha", "feature_alpha", "attention", "sdpa", "random", "dropconnect"
+]
 _SELU_ALPHA_PRIME = -1.7580993408473766
 
 
@@ -137,6 +139,24 @@ class SamplingContext:
             return self._merge(torch.where(keep, xs, _SELU_ALPHA_PRIME) * a + b)
         scaled = self.keep(index, elem_shape, p, scale=1.0 / (1.0 - q)).to(xs.dtype)
         return self._merge(xs * scaled)
+
+    def drop_connect(self, index: int, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """F.linear(x, dropout(weight), bias) with its own weight mask per row and sample.
+
+        x [R or R*S, ..., in], weight [out, in] -> [R*S, ..., out]: the masked weights are
+        [R, S, out, in], so each MC sample of each row sees an independent DropConnect mask
+        (a batch of rows sharing one mask, as in training, would correlate their answers).
+        """
+        site = self.sites[index]
+        scale = 1.0 / (1.0 - quantized_drop_probability(site.p))
+        keep = self.keep(index, tuple(weight.shape), site.p, scale).to(weight.dtype)
+        xs = self._rows_by_sample(x)
+        lead = xs.shape[2:-1]
+        flat = xs.reshape(self.n_rows, xs.shape[1], -1, xs.shape[-1])  # [R, S or 1, N, in]
+        y: Tensor = flat @ (weight * keep).transpose(-1, -2)  # [R, S, N, out]
+        if bias is not None:
+            y = y + bias
+        return y.reshape(self.n_rows * self.samples, *lead, weight.shape[0])
 
     def attention_dropout(self, index: int, weights: Tensor) -> Tensor:
         """Dropout on attention probabilities [R*S, ...] (batch first) at site `index`."""

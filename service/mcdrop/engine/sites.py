@@ -55,7 +55,9 @@ def module_kind(module: nn.Module) -> SiteKind | None:
     return None
 
 
-def _bind(names: Sequence[str], args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+def bind_arguments(
+    names: Sequence[str], args: Sequence[Any], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     bound = dict(zip(names, args, strict=False))
     bound.update(kwargs)
     return bound
@@ -84,7 +86,9 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
                             "add_zero_attn is not supported for sampling"
                         )
                     site = Site(str(node.target), kind, float(module.dropout), module)
-                    found.append(FoundSite(node, site, _bind(_MHA_ARGS, node.args, node.kwargs)))
+                    found.append(
+                        FoundSite(node, site, bind_arguments(_MHA_ARGS, node.args, node.kwargs))
+                    )
             elif kind is not None and getattr(module, "p", 0) > 0:
                 site = Site(str(node.target), kind, float(module.p))  # type: ignore[arg-type]
                 found.append(FoundSite(node, site, {"input": node.args[0]}))
@@ -92,7 +96,7 @@ def find_sites(gm: fx.GraphModule) -> list[FoundSite]:
             found.append(FoundSite(node, Site(node.name, "random", 0.0), {}))
         elif node.op == "call_function" and node.target in _FUNCTIONAL:
             kind, names = _FUNCTIONAL[node.target]
-            bound = _bind(names, node.args, node.kwargs)
+            bound = bind_arguments(names, node.args, node.kwargs)
             p = bound.get("dropout_p" if kind == "sdpa" else "p", 0.5 if kind != "sdpa" else 0.0)
             if not isinstance(p, float | int):
                 raise ModelLoadError(f"{node.name}: dropout probability must be a constant")
@@ -129,3 +133,12 @@ def select_sites(names: list[str], sample: SampleSelection) -> list[int]:
     if unknown:
         raise ModelLoadError(f"mc.sample names unknown sites {unknown}; the model has {names}")
     return [i for i, n in enumerate(names) if n in sample]
+
+
+def refused_unbatched(name: str, what: str) -> ModelLoadError:
+    """The load-time refusal of a site whose input has no batch dimension (a weight mask)."""
+    return ModelLoadError(
+        f"{name}: drops {what}, which has no batch dimension (DropConnect?): one mask would be "
+        "shared by every row and sample; a weight mask per MC sample is supported only for a "
+        "parameter fed straight to F.linear in a traceable forward, so this model is refused"
+    )

@@ -67,11 +67,19 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 
 
 def _run(model: nn.Module, x: Tensor) -> tuple[list[tuple[str, str, tuple[int, ...]]], int, object]:
-    """The random ops one forward issues, how many dropout ops it samples, and its output."""
+    """The random ops one forward issues, how many dropout ops it samples, and its output.
+
+    The global generator is reseeded for the run and restored after it, so two runs draw the
+    same numbers: an op that samples in eval too (DropConnect's dropout with training=True)
+    does not make the outputs differ, and the caller's random state is left as it was.
+    """
     paths = ModulePaths()
     recorder = RandomRecorder(paths)
-    with torch.inference_mode(), TRACE_LOCK.running(), paths.watching(model), recorder:
-        out = model(x)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0)
+        with torch.inference_mode(), TRACE_LOCK.running(), paths.watching(model), recorder:
+            out = model(x)
     return recorder.calls, recorder.dropouts, out
 
 
