@@ -7,8 +7,13 @@ Gaussian and hand-written dropout, a 2-layer LSTM, HF-style BERT, a U-Net, ...):
   loop       the model in training mode (BatchNorm-like modules in eval), N forward calls
   vectorised the same, the B rows repeated N times in one forward call
   dense      one forward of the N x B rows in eval, no dropout: the floor all of them pay
+  whole      only for models with submodules fx cannot trace (kept opaque in the graph): the
+             same engine forced to run the model whole on rows x samples, the fallback such
+             models had before; "opaque vs whole" is the speed-up of keeping the graph
 Medians in ms, ratios to the dense floor, and the engine / recipe variance ratio of the same
-run (a fast but wrong engine shows there). `--json` prints the figures as one JSON object.
+run (a fast but wrong engine shows there). For DropConnect (one weight mask per forward call)
+the vectorised recipe shares one mask among all samples: it is timed, but the variance
+reference is the loop. `--json` prints the figures as one JSON object.
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the zoo lives with the tests that check it
 
-from model_zoo import DETERMINISTIC, ZOO  # noqa: E402
+from model_zoo import DETERMINISTIC, MASK_PER_CALL, ZOO  # noqa: E402
 
 from bench.common import emit, format_table, interleaved, machine, torch_threads  # noqa: E402
 from mcdrop.engine.audit import training_mode  # noqa: E402
 from mcdrop.engine.core import MCEngine, MCOptions  # noqa: E402
+from mcdrop.engine.fallback import whole_program  # noqa: E402
 from mcdrop.uncertainty import RegressionSummary  # noqa: E402
 
 WAYS = ("engine", "loop", "vectorised", "dense")
@@ -67,10 +73,28 @@ def _ways(name: str, rows: int, samples: int) -> tuple[dict[str, Callable[[], ob
 
     summary = engine.run(x, options)
     assert isinstance(summary, RegressionSummary)
-    reference = vectorised().reshape(rows, samples, -1).double().var(dim=1)
+    if name in MASK_PER_CALL:
+        passes = torch.stack(loop())  # type: ignore[arg-type]
+        reference = passes.double().var(dim=0)
+    else:
+        reference = vectorised().reshape(rows, samples, -1).double().var(dim=1)
     ratio = float(summary.epistemic_variance.sum() / reference.sum())
     ways = {"engine": run_engine, "loop": loop, "vectorised": vectorised, "dense": dense}
+    if engine.coverage()["opaque"]:
+        whole = _forced_whole(factory, shape)
+        ways["whole"] = lambda: whole.run(x, options)
     return ways, ratio, str(engine.coverage()["program"])
+
+
+def _forced_whole(factory: Callable[[], Any], shape: tuple[int, ...]) -> MCEngine:
+    """The engine with its program replaced by the whole-model fallback (same sites, keys)."""
+    module = factory()
+    engine = MCEngine(module, task="regression", input_shape=shape, audit="off")
+    program = engine.program  # prepared on `module`: its training branches are set
+    whole = whole_program(module, shape, "all", engine.dtype, program.random_calls)
+    whole.branches = program.branches
+    engine.program = whole
+    return engine
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,9 +104,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for name in (n for n in ZOO if n not in skipped):
         ways, ratio, program = _ways(name, args.rows, args.samples)
         times = interleaved(ways, args.rounds)
-        medians = {way: median(times[way]) for way in WAYS}
+        medians = {way: median(times[way]) for way in ways}
         results[name] = {"ms": medians, "program": program, "variance_ratio": ratio,
-                         "to_dense": {w: medians[w] / medians["dense"] for w in WAYS}}  # fmt: skip
+                         "to_dense": {w: medians[w] / medians["dense"] for w in ways}}  # fmt: skip
     return {"machine": machine(), "rows": args.rows, "samples": args.samples,
             "rounds": args.rounds, "models": results, "skipped": skipped}  # fmt: skip
 
@@ -95,9 +119,11 @@ def render(report: dict[str, Any]) -> str:
         rows.append([name, r["program"], *(f"{ms[w]:.1f}" for w in WAYS),
                      *(f"{dense[w]:.2f}" for w in ("engine", "loop", "vectorised")),
                      f"{ms['loop'] / ms['engine']:.1f}x", f"{ms['vectorised'] / ms['engine']:.1f}x",
+                     f"{ms['whole'] / ms['engine']:.1f}x" if "whole" in ms else "-",
                      f"{r['variance_ratio']:.3f}"])  # fmt: skip
     head = ["model", "program", *(f"{w} ms" for w in WAYS), "engine/dense", "loop/dense",
-            "vect./dense", "engine vs loop", "engine vs vect.", "var. ratio"]  # fmt: skip
+            "vect./dense", "engine vs loop", "engine vs vect.", "opaque vs whole",
+            "var. ratio"]  # fmt: skip
     title = (f"zoo: {report['rows']} rows x {report['samples']} samples, medians of "
              f"{report['rounds']} interleaved rounds; skipped (refused at load): "
              f"{', '.join(report['skipped']) or 'none'}")  # fmt: skip

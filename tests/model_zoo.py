@@ -382,6 +382,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     num_labels: int = 3
     attn_implementation: Literal["eager", "sdpa"] = "eager"
+    num_hidden_layers: int = 1
+    classifier_dropout: float | None = None  # None: hidden_dropout_prob, as in HF
 
 
 class BertSelfAttention(nn.Module):
@@ -502,17 +504,20 @@ class BertPooler(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-    """Float token features [B, T, D] -> one encoder layer -> pooler -> dropout -> logits [B, C]."""
+    """Float token features [B, T, D] -> encoder layers -> pooler -> dropout -> logits [B, C]."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
-        self.layer = BertLayer(config)
+        self.encoder = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = BertPooler(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, x: Tensor) -> Tensor:
-        pooled_output = self.pooler(self.layer(x))
+        for layer in self.encoder:
+            x = layer(x)
+        pooled_output = self.pooler(x)
         pooled_output = self.dropout(pooled_output)
         return self.classifier(pooled_output)  # type: ignore[no-any-return]
 
@@ -697,6 +702,16 @@ def build_bert_eager() -> nn.Module:
     return BertForSequenceClassification(BertConfig(attn_implementation="eager")).eval()
 
 
+def build_bert_deep_head() -> nn.Module:
+    """Four encoder layers without dropout, dropout only before the classifier: the model whose
+    deterministic prefix (the whole encoder) a partitioned program runs once per row."""
+    torch.manual_seed(9)
+    config = BertConfig(hidden_size=32, intermediate_size=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, num_hidden_layers=4,
+                        classifier_dropout=0.2)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
 def build_bert_sdpa() -> nn.Module:
     torch.manual_seed(6)  # the same weights as the eager variant
     return BertForSequenceClassification(BertConfig(attn_implementation="sdpa")).eval()
@@ -754,6 +769,7 @@ ZOO: dict[str, ZooEntry] = {
     "stacked_lstm": ZooEntry(build_stacked_lstm, (5, 3), "regression", "sampled"),
     "bert_eager": ZooEntry(build_bert_eager, (5, 16), "classification", "sampled"),
     "bert_sdpa": ZooEntry(build_bert_sdpa, (5, 16), "classification", "sampled"),
+    "bert_deep_head": ZooEntry(build_bert_deep_head, (16, 32), "classification", "sampled"),
     "unet": ZooEntry(build_unet, (1, 16, 16), "regression", "sampled"),
     "aux_head_bn": ZooEntry(build_aux_head, (6,), "classification", "sampled"),
     "dropconnect": ZooEntry(build_dropconnect, (6,), "regression", "sampled"),

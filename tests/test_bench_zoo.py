@@ -1,4 +1,5 @@
-"""bench/zoo.py runs as a user starts it: every sampled zoo model timed four ways."""
+"""bench/zoo.py runs as a user starts it: every sampled zoo model timed four ways (five with
+opaque submodules)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,11 @@ def test_every_sampled_zoo_model_is_timed_four_ways(tmp_path: Path) -> None:
     sampled = {name for name, (*_, expected) in ZOO.items() if expected == "sampled"}
     assert set(report["models"]) == sampled
     assert report["skipped"] == [n for n in ZOO if n not in sampled]
+    # the HF-style attention fx cannot trace is kept opaque: those models are also timed whole
+    opaque = {"bert_eager", "bert_sdpa", "bert_deep_head"}
     for name, figures in report["models"].items():
-        assert set(figures["ms"]) == {"engine", "loop", "vectorised", "dense"}, name
+        ways = {"engine", "loop", "vectorised", "dense"} | ({"whole"} if name in opaque else set())
+        assert set(figures["ms"]) == ways, name
         assert all(v > 0 for v in figures["ms"].values()), name
         assert figures["program"] in ("partitioned", "whole")
     assert "| model " in done.stdout
