@@ -37,7 +37,7 @@ from mcdrop.engine.sites import (
     select_sites,
 )
 from mcdrop.engine.tracing import TRACE_LOCK, symbolic_trace
-from mcdrop.engine.training_branches import TrainingBranches
+from mcdrop.engine.training_branches import TrainingBranches, same_outputs
 
 
 @dataclass
@@ -125,17 +125,7 @@ def _same_as_eager(gm: fx.GraphModule, module: nn.Module, x: Tensor) -> bool:
             graph_out = gm(x)
         with DropoutCalls(None):
             eager_out = module(x)
-    return _equal(graph_out, eager_out)
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and bool(torch.equal(a, b))
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return len(a) == len(b) and all(_equal(u, v) for u, v in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return bool(a == b)
+    return same_outputs(graph_out, eager_out)
 
 
 def _drop_connects(found: list[FoundSite]) -> dict[fx.Node, fx.Node]:

@@ -83,13 +83,14 @@ def _run(model: nn.Module, x: Tensor) -> tuple[list[tuple[str, str, tuple[int, .
     return recorder.calls, recorder.dropouts, out
 
 
-def _same(a: object, b: object) -> bool:
+def same_outputs(a: object, b: object) -> bool:
+    """Whether two model outputs (tensors, or tuples, lists, dicts of them) are bit-identical."""
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return a.shape == b.shape and bool(torch.equal(a, b))
     if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_outputs(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_outputs(a[k], b[k]) for k in a)
     return type(a) is type(b) and a == b
 
 
@@ -122,7 +123,7 @@ def find_training_branches(
                 module.training = False
             if len(calls) > len(base_calls) or drops > base_drops:
                 (ignored if path in ignore else sampled).append(path)
-            elif out is not None and not _same(out, base_out):
+            elif out is not None and not same_outputs(out, base_out):
                 deterministic.append(path)
     return TrainingBranches(sampled, deterministic, ignored)
 
