@@ -16,7 +16,9 @@ from conftest import toml_table, write_mlp_model
 from safetensors.torch import save_file
 from torch import nn
 
+from mcdrop.config import Settings
 from mcdrop.errors import ModelLoadError
+from mcdrop.model import ServedModel
 from mcdrop.repository.architectures import build_cnn
 from mcdrop.repository.loading import load_module, read_safetensors, save_weights
 from mcdrop.repository.manifest import ModelSpec, load_manifest
@@ -412,3 +414,61 @@ def test_torchscript_with_non_finite_parameters_or_buffers_is_refused(tmp_path: 
         f"{tmp_path / 'ts' / 'model.pt'}: NaN or infinite values (as float32) in tensors "
         "[3.bias, 1.running_var]"
     )
+
+
+# --- the model's outputs against the manifest's ---------------------------------------------
+
+SEGMENTER = '''
+import torch
+from torch import nn
+
+
+class Segmenter(nn.Module):
+    """Per-pixel logits [B, 3, 4, 4] for images [B, 1, 4, 4]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout2d(0.2)
+        self.conv = nn.Conv2d(1, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.drop(x))
+
+
+def build() -> nn.Module:
+    return Segmenter()
+'''
+
+
+def _segmenter(folder: Path, task: str, names: list[str]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "seg.py").write_text(SEGMENTER, encoding="utf-8")
+    torch.manual_seed(0)
+    weights = nn.Module()
+    weights.conv = nn.Conv2d(1, 3, 1)  # the Segmenter's only parameters
+    save_weights(weights, folder / "weights.safetensors")
+    text = f'name = "{folder.name}"\ntask = "{task}"\n'
+    text += toml_table("input", {"shape": [1, 4, 4]}) + toml_table("output", {"names": names})
+    text += toml_table("model", {"format": "entrypoint", "entrypoint": "seg:build"})
+    (folder / "model.toml").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_a_per_pixel_classifier_is_refused_not_given_one_softmax_over_the_map(
+    tmp_path: Path,
+) -> None:
+    folder = _segmenter(tmp_path / "seg", "classification", ["bg", "a", "b"])
+    with pytest.raises(ModelLoadError) as info:
+        ServedModel.load(folder, Settings(device="cpu"))
+    message = str(info.value)
+    assert "[3, 4, 4] per row" in message, message
+    assert "softmax" in message, message
+
+
+def test_outputs_that_do_not_match_the_names_are_refused_with_both_counts(tmp_path: Path) -> None:
+    folder = _segmenter(tmp_path / "reg", "regression", ["y0", "y1", "y2"])
+    with pytest.raises(ModelLoadError) as info:
+        ServedModel.load(folder, Settings(device="cpu"))
+    message = str(info.value)
+    assert "3 output name(s)" in message, message
+    assert "[3, 4, 4] per row (48 values)" in message, message

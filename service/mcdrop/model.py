@@ -39,6 +39,19 @@ def _affine(values: list[float] | None, shape: tuple[int, ...], what: str) -> Te
     )
 
 
+def _check_outputs(spec: ModelSpec, shape: tuple[int, ...], manifest: Path) -> None:
+    """The model returns one value per output name (two if heteroscedastic), or is refused."""
+    per_name = 2 if spec.output.heteroscedastic else 1
+    expected = spec.n_outputs * per_name
+    if math.prod(shape) != expected:
+        what = "class" if spec.task == "classification" else "output"
+        raise ModelLoadError(
+            f"{manifest}: output.names lists {spec.n_outputs} {what} name(s)"
+            + (" (x2: heteroscedastic means and log-variances)" if per_name == 2 else "")
+            + f", but the model returns {list(shape)} per row ({math.prod(shape)} values)"
+        )
+
+
 @dataclass
 class ServedModel:
     """One loaded model version, ready to answer requests from any thread."""
@@ -79,6 +92,7 @@ class ServedModel:
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{folder / MANIFEST_NAME}: {exc}") from exc
+        _check_outputs(spec, engine.output_shape, folder / MANIFEST_NAME)
         return cls(
             spec=spec,
             folder=folder,

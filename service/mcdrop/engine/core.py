@@ -29,6 +29,7 @@ from mcdrop.engine.audit import (
     compare,
     training_mode_features,
 )
+from mcdrop.engine.dispatch_sites import DropoutCalls
 from mcdrop.engine.fallback import WholeProgram
 from mcdrop.engine.partials import PartialStats, Shard
 from mcdrop.engine.partition import PartitionedProgram
@@ -146,6 +147,13 @@ class MCEngine:
         self.chunk_elements = chunk_elements
         module = module.to(self.device, self.dtype).eval()
         self.program = prepare_program(module, self.input_shape, sample, self.dtype, ignore)
+        self.output_shape = self._output_shape(module)
+        if task == "classification" and len(self.output_shape) != 1:
+            raise ValueError(
+                f"classification: the model returns {list(self.output_shape)} per row; class "
+                "probabilities need logits [rows, classes]: one softmax over every value of a "
+                "map (segmentation, per-token tagging) would be wrong, so it is refused"
+            )
         self.head = OutputHead(
             task,
             heteroscedastic,
@@ -156,6 +164,20 @@ class MCEngine:
         self.audit = self._audit(module, audit, audit_samples, sample)
         if compile:
             self._compile()
+
+    def _output_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """Per-row shape of the model's output: one forward of two zero rows, dropout off."""
+        x = torch.zeros((2, *self.input_shape), dtype=self.dtype, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(), \
+                TRACE_LOCK.running(), DropoutCalls(None):  # fmt: skip
+            out = module(x)
+        if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != 2:
+            got = list(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"the model must return a tensor [rows, ...]; for 2 rows it gave {got}"
+            )
+        return tuple(out.shape[1:])
 
     def _audit(
         self, module: nn.Module, policy: AuditPolicy, samples: int, sample: SampleSelection
