@@ -70,7 +70,8 @@ class RegressionSummary:
 
 @dataclass(frozen=True)
 class ClassificationSummary:
-    """Predictive class distribution per row ([B, C] or [B] tensors)."""
+    """Predictive class distribution per row ([B, C] or [B] tensors), or per element of a map
+    (probabilities [B, C, H, W] with class_axis 1, the measures [B, H, W])."""
 
     probabilities: Tensor
     probabilities_std: Tensor
@@ -80,11 +81,13 @@ class ClassificationSummary:
     samples_used: int
     seed: int
     samples: Tensor | None = None  # [B, K, C] per-sample probabilities
+    class_axis: int = -1  # of probabilities: the classes ([B, C]: -1; [B, C, H, W]: 1)
 
     @property
     def predicted_class(self) -> Tensor:
-        """Index of the most probable class under the averaged probabilities, [B]."""
-        return self.probabilities.argmax(dim=-1)
+        """Index of the most probable class under the averaged probabilities, [B] (or per
+        element: [B, H, W])."""
+        return self.probabilities.argmax(dim=self.class_axis)
 
     @property
     def mutual_information(self) -> Tensor:
@@ -145,6 +148,37 @@ def rows_of(summary: Summary, rows: slice, seed: int) -> Summary:
         elif isinstance(value, dict):
             changes[f.name] = {k: Interval(v.lower[rows], v.upper[rows]) for k, v in value.items()}
     return dataclasses.replace(summary, **changes)  # type: ignore[arg-type]
+
+
+def shaped(summary: RegressionSummary, shape: tuple[int, ...]) -> RegressionSummary:
+    """A regression summary of flat outputs [B, F] as maps [B, *shape] (samples [B, K, *shape])."""
+    changes: dict[str, object] = {}
+    for f in dataclasses.fields(summary):
+        value = getattr(summary, f.name)
+        if f.name == "samples" and isinstance(value, Tensor):
+            changes[f.name] = value.reshape(*value.shape[:2], *shape)
+        elif f.name == "log_likelihood":
+            continue
+        elif isinstance(value, Tensor):
+            changes[f.name] = value.reshape(len(value), *shape)
+        elif isinstance(value, dict):
+            changes[f.name] = {k: Interval(v.lower.reshape(len(v.lower), *shape),
+                                           v.upper.reshape(len(v.upper), *shape))
+                               for k, v in value.items()}  # fmt: skip
+    return dataclasses.replace(summary, **changes)  # type: ignore[arg-type]
+
+
+def classes_in_place(summary: ClassificationSummary, class_axis: int) -> ClassificationSummary:
+    """Per-element probabilities [B, *rest, C] (samples [B, K, *rest, C]) with the class axis
+    moved back to where the model has it (class_axis of the per-row shape)."""
+    samples = summary.samples
+    return dataclasses.replace(
+        summary,
+        class_axis=1 + class_axis,
+        probabilities=summary.probabilities.movedim(-1, 1 + class_axis),
+        probabilities_std=summary.probabilities_std.movedim(-1, 1 + class_axis),
+        samples=None if samples is None else samples.movedim(-1, 2 + class_axis),
+    )
 
 
 def entropy(probs: Tensor) -> Tensor:

@@ -13,12 +13,25 @@ from mcdrop.engine.streaming import StreamingLogMeanExp, StreamingMoments
 from mcdrop.uncertainty import (
     ClassificationSummary,
     RegressionSummary,
+    classes_in_place,
     classification_features,
+    shaped,
     summarize_classification,
     summarize_regression,
 )
 
 QUANTILE_SAMPLES = 4096  # kept per row for empirical intervals; the moments use every sample
+# Kept samples cost samples x output elements per row: a map keeps fewer (KEPT_ELEMENTS per row,
+# 16 MiB of float64), and one that cannot keep MIN_EMPIRICAL_SAMPLES gets Gaussian intervals only.
+KEPT_ELEMENTS = 2**21
+MIN_EMPIRICAL_SAMPLES = 256
+
+
+def quantile_samples(elements: int) -> int:
+    """Samples kept per row for empirical intervals of `elements` outputs (0: none)."""
+    keep = min(QUANTILE_SAMPLES, KEPT_ELEMENTS // max(elements, 1))
+    return keep if keep >= MIN_EMPIRICAL_SAMPLES else 0
+
 
 # A heteroscedastic head's log-variance is clamped to +-LOG_VARIANCE_BOUND, and its variance in
 # raw units capped at MAX_VARIANCE = e^300 (~1.9e130), so finite inputs give finite answers.
@@ -32,13 +45,31 @@ MAX_VARIANCE = math.exp(LOG_VARIANCE_BOUND)
 
 @dataclass(frozen=True)
 class OutputHead:
-    """How a network's outputs become per-sample features, in raw target units."""
+    """How a network's outputs become per-sample features, in raw target units.
+
+    shape is the model's output per row; a classifier's classes lie on class_axis (of shape),
+    and its summary is per element of the other axes (per pixel, per token).
+    """
 
     task: Literal["regression", "classification"]
     heteroscedastic: bool = False  # regression: outputs are [means..., log-variances...]
     tau: float | None = None  # regression: precision, aleatoric variance 1/tau
-    scale: Tensor | None = None  # regression: raw = output * scale + shift
+    scale: Tensor | None = None  # regression: raw = output * scale + shift (flat, or broadcast)
     shift: Tensor | None = None
+    shape: tuple[int, ...] = ()  # per row; () = a flat vector of whatever length
+    class_axis: int = 0  # classification: index into shape
+
+    @property
+    def classes_last(self) -> tuple[int, ...]:
+        """A classifier's per-row shape with the class axis moved last: (*elements, C)."""
+        if not self.shape:
+            return ()
+        rest = [d for i, d in enumerate(self.shape) if i != self.class_axis]
+        return (*rest, self.shape[self.class_axis])
+
+    def elements(self) -> int:
+        """Output values per row and sample (0 when the shape is not known)."""
+        return math.prod(self.shape) if self.shape else 0
 
 
 class Accumulators:
@@ -61,7 +92,9 @@ class Accumulators:
     ) -> None:
         self.head = head
         self.start = start  # first sample index fed in: 0, or a shard's first sample
-        quantiles = QUANTILE_SAMPLES if head.task == "regression" and intervals else 0
+        quantiles = 0
+        if head.task == "regression" and intervals:
+            quantiles = quantile_samples(head.elements()) if head.shape else QUANTILE_SAMPLES
         self.keep = min(max_samples, max(returned, quantiles))
         self.kept: Tensor | None = None
         self.kept_aleatoric: Tensor | None = None
@@ -76,6 +109,9 @@ class Accumulators:
         out = out.to(torch.float64)
         head = self.head
         if head.task == "classification":
+            if len(head.shape) > 1:  # per element: [R, S, *shape] -> [R, S, *rest, C] -> flat
+                maps = out.view(*out.shape[:2], *head.shape).movedim(2 + head.class_axis, -1)
+                return classification_features(maps).flatten(2), None
             return classification_features(out), None
         d = out.shape[-1] // 2 if head.heteroscedastic else out.shape[-1]
         mean = out[..., :d]
@@ -129,9 +165,11 @@ class Accumulators:
         if self.head.task == "regression":
             d = se.shape[1] // 2 if self.head.heteroscedastic else se.shape[1]
             return bool((se[:, :d] <= tolerance).all())
-        classes = (se.shape[1] - 1) // 2
-        top = self.moments.mean[:, :classes].argmax(dim=1, keepdim=True)
-        return bool((se[:, :classes].gather(1, top) <= tolerance).all())
+        classes = self.head.classes_last[-1] if self.head.shape else (se.shape[1] - 1) // 2
+        se = se.view(len(se), -1, 2 * classes + 1)[..., :classes]  # [R, elements, C]
+        mean = self.moments.mean.view(len(se), -1, 2 * classes + 1)[..., :classes]
+        top = mean.argmax(dim=-1, keepdim=True)
+        return bool((se.gather(-1, top) <= tolerance).all())
 
     def summary(
         self, rows: slice, n: int, seed: int, levels: tuple[float, ...], returned: int
@@ -177,7 +215,16 @@ def summarize(
     """
     samples = None if kept is None or not returned else kept[:, :returned]
     if head.task == "classification":
-        return summarize_classification(mean, var, n, seed, samples)
+        if len(head.shape) <= 1:
+            return summarize_classification(mean, var, n, seed, samples)
+        per_element = (*head.classes_last[:-1], -1)  # [B, F] -> [B, *rest, 2C+1]
+        return classes_in_place(
+            summarize_classification(
+                mean.view(len(mean), *per_element), var.view(len(var), *per_element), n, seed,
+                None if samples is None else samples.view(*samples.shape[:2], *per_element),
+            ),
+            head.class_axis,
+        )  # fmt: skip
     d = mean.shape[1] // 2 if head.heteroscedastic else mean.shape[1]
     if head.heteroscedastic:
         aleatoric = mean[:, d:]
@@ -186,7 +233,8 @@ def summarize(
     else:
         aleatoric = torch.zeros_like(mean[:, :d])
     kept_means = None if kept is None else kept[..., :d]
-    return summarize_regression(
+    flat = summarize_regression(
         mean[:, :d], var[:, :d], aleatoric, n, seed, levels, samples, kept_means, kept_aleatoric,
         log_likelihood,
     )  # fmt: skip
+    return flat if len(head.shape) <= 1 else shaped(flat, head.shape)

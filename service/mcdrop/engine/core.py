@@ -132,6 +132,7 @@ class MCEngine:
         output_shift: Tensor | None = None,
         audit: AuditPolicy = "refuse",
         audit_samples: int = AUDIT_SAMPLES,
+        class_axis: int | None = None,
     ) -> None:
         if task == "classification" and heteroscedastic:
             raise ValueError("a heteroscedastic head applies only to regression")
@@ -148,18 +149,28 @@ class MCEngine:
         module = module.to(self.device, self.dtype).eval()
         self.program = prepare_program(module, self.input_shape, sample, self.dtype, ignore)
         self.output_shape = self._output_shape(module)
-        if task == "classification" and len(self.output_shape) != 1:
+        shape = self.output_shape
+        if class_axis is not None and task == "classification":
+            if not -len(shape) <= class_axis < len(shape):
+                raise ValueError(f"class_axis {class_axis} is not an axis of the model's "
+                                 f"output {list(shape)} per row")  # fmt: skip
+            class_axis %= len(shape)
+        elif task == "classification" and len(shape) != 1:
             raise ValueError(
-                f"classification: the model returns {list(self.output_shape)} per row; class "
-                "probabilities need logits [rows, classes]: one softmax over every value of a "
-                "map (segmentation, per-token tagging) would be wrong, so it is refused"
+                f"classification: the model returns {list(shape)} per row; say which axis "
+                "holds the classes (class_axis): one softmax over every value of a map "
+                "(segmentation, per-token tagging) would be wrong, so it is refused"
             )
+        if heteroscedastic and len(shape) != 1:
+            raise ValueError(f"a heteroscedastic head needs flat outputs, not {list(shape)}")
         self.head = OutputHead(
             task,
             heteroscedastic,
             tau,
             None if output_scale is None else output_scale.to(self.device, torch.float64),
             None if output_shift is None else output_shift.to(self.device, torch.float64),
+            shape=shape if len(shape) > 1 else (),
+            class_axis=class_axis or 0,
         )
         self.audit = self._audit(module, audit, audit_samples, sample)
         if compile:
@@ -189,12 +200,13 @@ class MCEngine:
         summary = self.run(x, MCOptions(samples=samples, seed=0, interval_levels=()))
         head = self.head
         if isinstance(summary, ClassificationSummary):
-            engine_variance = summary.probabilities_std.square()
+            engine_variance = summary.probabilities_std.square().flatten(1)
+            axis = 1 + head.class_axis if head.shape else -1
 
             def features(out: Tensor) -> Tensor:
-                return torch.softmax(out.reshape(len(out), -1), dim=-1)
+                return torch.softmax(out, dim=axis).reshape(len(out), -1)
         else:
-            engine_variance = summary.epistemic_variance
+            engine_variance = summary.epistemic_variance.flatten(1)
             d = engine_variance.shape[1]
 
             def features(out: Tensor) -> Tensor:
