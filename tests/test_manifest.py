@@ -187,3 +187,40 @@ def test_target_normalisation_refused_for_classifier(tmp_path: Path) -> None:
         normalization={"target_mean": [0.0], "target_std": [1.0]},
     )
     assert "target normalisation applies only to regression" in _error(tmp_path, raw)
+
+
+@pytest.mark.parametrize(
+    ("task", "output", "expected"),
+    [
+        ("classification", {"names": ["a", "b"], "shape": [2, 4, 4]}, "output.class_axis"),
+        (
+            "classification",
+            {"names": ["a", "b"], "shape": [3, 4, 4], "class_axis": 0},
+            "lists 2 classes but axis 0",
+        ),
+        ("classification", {"names": ["a", "b"], "shape": [2, 4], "class_axis": 2}, "not an axis"),
+        ("regression", {"names": ["y"], "shape": [2, 4], "class_axis": 0}, "only to classif"),
+        ("regression", {"names": ["a", "b", "c"], "shape": [4, 2]}, "one name, or 2"),
+        ("regression", {"names": ["y"], "shape": [3]}, "does not hold 1 output"),
+        ("regression", {"names": ["y"], "class_axis": 0}, "needs output.shape"),
+        ("regression", {"names": ["y"], "heteroscedastic": True, "shape": [2, 2]}, "flat"),
+    ],
+)
+def test_output_shape_and_class_axis_must_fit_the_names(
+    tmp_path: Path, task: str, output: dict[str, Any], expected: str
+) -> None:
+    assert expected in _error(tmp_path, _raw(task=task, output=output))
+
+
+def test_declared_output_shapes_and_the_flat_default() -> None:
+    seg = ModelSpec.model_validate(
+        _raw(
+            task="classification",
+            output={"names": ["a", "b", "c"], "shape": [3, 8, 8], "class_axis": 0},
+        )
+    )
+    assert seg.output_shape == (3, 8, 8)
+    assert seg.is_map
+    flat = ModelSpec.model_validate(_raw(output={"names": ["y"], "heteroscedastic": True}))
+    assert flat.output_shape == (2,)
+    assert not flat.is_map

@@ -39,15 +39,30 @@ def _affine(values: list[float] | None, shape: tuple[int, ...], what: str) -> Te
     )
 
 
+def _target_affine(values: list[float] | None, spec: ModelSpec) -> Tensor | None:
+    """Target normalisation as flat [F] values for the engine: one value, or one per name
+    (a map's names label its last axis), broadcast over the output shape."""
+    if values is None:
+        return None
+    shape = spec.output_shape if spec.is_map else (spec.n_outputs,)
+    return torch.tensor(values).expand(*shape).reshape(-1)
+
+
 def _check_outputs(spec: ModelSpec, shape: tuple[int, ...], manifest: Path) -> None:
-    """The model returns one value per output name (two if heteroscedastic), or is refused."""
-    per_name = 2 if spec.output.heteroscedastic else 1
-    expected = spec.n_outputs * per_name
-    if math.prod(shape) != expected:
+    """The model returns what the manifest declares per row (output.shape, else one value per
+    output name, two if heteroscedastic), or it is refused naming both."""
+    expected = spec.output_shape
+    if spec.is_map and shape != expected:
+        raise ModelLoadError(
+            f"{manifest}: output.shape is {list(expected)}, but the model returns {list(shape)} "
+            "per row"
+        )
+    if math.prod(shape) != math.prod(expected):
         what = "class" if spec.task == "classification" else "output"
+        heteroscedastic = spec.output.heteroscedastic
         raise ModelLoadError(
             f"{manifest}: output.names lists {spec.n_outputs} {what} name(s)"
-            + (" (x2: heteroscedastic means and log-variances)" if per_name == 2 else "")
+            + (" (x2: heteroscedastic means and log-variances)" if heteroscedastic else "")
             + f", but the model returns {list(shape)} per row ({math.prod(shape)} values)"
         )
 
@@ -70,9 +85,8 @@ class ServedModel:
         module = load_module(spec, folder)
         shape = tuple(spec.input.shape)
         norm = spec.normalization
-        n_out = spec.n_outputs
-        scale = None if norm.target_std is None else torch.tensor(norm.target_std).expand(n_out)
-        shift = None if norm.target_mean is None else torch.tensor(norm.target_mean).expand(n_out)
+        scale = _target_affine(norm.target_std, spec)
+        shift = _target_affine(norm.target_mean, spec)
         try:
             engine = MCEngine(
                 module,
@@ -89,6 +103,7 @@ class ServedModel:
                 chunk_elements=settings.chunk_elements,
                 output_scale=scale,
                 output_shift=shift,
+                class_axis=spec.output.class_axis if spec.task == "classification" else None,
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{folder / MANIFEST_NAME}: {exc}") from exc

@@ -11,6 +11,19 @@ One object per input row, keyed by the model's output names (regression) or clas
                           "mutual_information", "variation_ratio",
                           "samples": [K][C] per-sample probabilities (if kept)}
 
+A model with a map output (output.shape of several axes) gets one object per row of nested
+arrays in the output's shape instead:
+
+    regression map      {"names", "mean", "std", "variance", "epistemic_variance",
+                          "aleatoric_variance", "intervals": {"0.95": {"gaussian": {"lower",
+                          "upper"}, "empirical": {"lower", "upper"} | null}}, "map_mean":
+                          {field: float}, "samples" (if kept)}
+    classification map  {"classes", "predicted_class" (indices), "probabilities",
+                          "probabilities_std" ([C, ...] in the model's layout), "entropy",
+                          "expected_entropy", "mutual_information", "variation_ratio",
+                          "map_mean": {measure: float}, "by_predicted_class": {label:
+                          {"elements", measure: mean | null}}, "samples" (if kept)}
+
 Interval keys are str(level); entropies are in nats. Values are Python floats (not NaN-safe:
 a model whose outputs overflow yields inf/NaN, which strict JSON encoders reject).
 """
@@ -24,7 +37,7 @@ from typing import Any
 from torch import Tensor
 
 from mcdrop.repository.manifest import ModelSpec
-from mcdrop.uncertainty import RegressionSummary, Summary
+from mcdrop.uncertainty import RegressionSummary, Summary, is_map, map_reductions
 
 REGRESSION_FIELDS = ("mean", "std", "variance", "epistemic_variance", "aleatoric_variance")
 CLASSIFICATION_FIELDS = ("entropy", "expected_entropy", "mutual_information", "variation_ratio")
@@ -42,6 +55,8 @@ def summary_meta(summary: Summary) -> dict[str, Any]:
 def summary_rows(summary: Summary, spec: ModelSpec) -> list[dict[str, Any]]:
     """One JSON-ready object per row of the summary (see the module docstring for the shape)."""
     names = spec.output.names
+    if is_map(summary):
+        return map_rows(summary, names)
     rows: list[dict[str, Any]] = []
     if isinstance(summary, RegressionSummary):
         for r in range(len(summary.mean)):
@@ -80,6 +95,52 @@ def summary_rows(summary: Summary, spec: ModelSpec) -> list[dict[str, Any]]:
     return rows
 
 
+def map_rows(summary: Summary, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of a map summary as nested arrays (see the module docstring)."""
+    reductions = map_reductions(summary)
+    rows: list[dict[str, Any]] = []
+    if isinstance(summary, RegressionSummary):
+        for r in range(len(summary.mean)):
+            row: dict[str, Any] = {"names": list(names)}
+            row.update({k: _floats(getattr(summary, k)[r]) for k in REGRESSION_FIELDS})
+            row["intervals"] = {
+                str(level): {
+                    "gaussian": {"lower": _floats(i.lower[r]), "upper": _floats(i.upper[r])},
+                    "empirical": {"lower": _floats(e.lower[r]), "upper": _floats(e.upper[r])}
+                    if (e := summary.empirical_intervals.get(level))
+                    else None,
+                }
+                for level, i in summary.gaussian_intervals.items()
+            }
+            row["map_mean"] = {k.removesuffix("_map_mean"): float(v[r])
+                               for k, v in reductions.items()}  # fmt: skip
+            if summary.samples is not None:
+                row["samples"] = _floats(summary.samples[r])
+            rows.append(row)
+        return rows
+    for r in range(len(summary.probabilities)):
+        row = {
+            "classes": list(names),
+            "predicted_class": summary.predicted_class[r].tolist(),
+            "probabilities": _floats(summary.probabilities[r]),
+            "probabilities_std": _floats(summary.probabilities_std[r]),
+        }
+        row.update({key: _floats(getattr(summary, key)[r]) for key in CLASSIFICATION_FIELDS})
+        row["map_mean"] = {key: float(reductions[f"{key}_map_mean"][r])
+                           for key in CLASSIFICATION_FIELDS}  # fmt: skip
+        sizes = reductions["class_elements"][r]
+        row["by_predicted_class"] = {
+            label: {"elements": int(sizes[c]),
+                    **{key: float(reductions[f"{key}_by_class"][r, c]) if sizes[c] else None
+                       for key in CLASSIFICATION_FIELDS}}
+            for c, label in enumerate(names)
+        }  # fmt: skip
+        if summary.samples is not None:
+            row["samples"] = _floats(summary.samples[r])
+        rows.append(row)
+    return rows
+
+
 def summary_document(summary: Summary, spec: ModelSpec) -> dict[str, Any]:
     """summary_meta and the rows in one object: {"samples_used", "seed", "rows"}."""
     return {**summary_meta(summary), "rows": summary_rows(summary, spec)}
@@ -108,7 +169,13 @@ def format_document(document: Mapping[str, Any]) -> str:
     ]
     rows: list[dict[str, Any]] = document["rows"]
     samples: list[str] = []
-    if document["task"] == "regression":
+    if rows and "map_mean" in rows[0]:  # a map: its means per row (--json has the maps)
+        keys = list(rows[0]["map_mean"])
+        table = [["row", *(f"map mean {k}" for k in keys)]]
+        table += [[str(r), *(f"{row['map_mean'][k]:.4g}" for k in keys)]
+                  for r, row in enumerate(rows)]  # fmt: skip
+        legend = "per-element maps: --json gives them whole, in the model's output shape"
+    elif document["task"] == "regression":
         levels = sorted(rows[0][next(iter(rows[0]))]["intervals"], key=float) if rows else []
         head = ["row", "output", "mean", "std", "epistemic", "aleatoric"]
         table = [head + [f"{float(level):.0%} interval" for level in levels]]

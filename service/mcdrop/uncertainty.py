@@ -181,6 +181,36 @@ def classes_in_place(summary: ClassificationSummary, class_axis: int) -> Classif
     )
 
 
+MAP_MEASURES = ("entropy", "expected_entropy", "mutual_information", "variation_ratio")
+
+
+def is_map(summary: Summary) -> bool:
+    """Whether a summary is per element (pixel, token) rather than one answer per row."""
+    if isinstance(summary, ClassificationSummary):
+        return summary.class_axis != -1
+    return summary.mean.dim() > 2
+
+
+def map_reductions(summary: Summary) -> dict[str, Tensor]:
+    """What users read alongside a map: each measure's mean over the map, [B]; for a
+    classifier also per predicted class region ([B, C]: the measure's mean over the elements
+    predicted as that class, 0 where none is) and the region sizes (class_elements [B, C])."""
+    if isinstance(summary, RegressionSummary):
+        return {f"{name}_map_mean": getattr(summary, name).flatten(1).mean(dim=1)
+                for name in ("mean", "epistemic_variance", "aleatoric_variance")}  # fmt: skip
+    classes = summary.probabilities.shape[summary.class_axis]
+    predicted = summary.predicted_class.flatten(1)  # [B, E]
+    regions = torch.nn.functional.one_hot(predicted, classes).to(torch.float64)  # [B, E, C]
+    sizes = regions.sum(dim=1)  # [B, C]
+    out = {"class_elements": sizes}
+    for name in MAP_MEASURES:
+        values = getattr(summary, name).flatten(1).to(torch.float64)  # [B, E]
+        out[f"{name}_map_mean"] = values.mean(dim=1)
+        totals = torch.einsum("be,bec->bc", values, regions)
+        out[f"{name}_by_class"] = totals / sizes.clamp_min(1)  # 0 for an empty region
+    return out
+
+
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy in nats over the last dimension, with 0·log 0 = 0."""
     return -(probs * probs.clamp_min(1e-30).log()).sum(dim=-1)

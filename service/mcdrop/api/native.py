@@ -93,6 +93,10 @@ class ModelInfo(BaseModel):
     training_ranges: list[tuple[float, float]] | None = None
     description: str | None = None
     outputs: list[str] | None = None
+    output_shape: list[int] | None = Field(
+        None, description="the model's output per row; several axes: a map, answered per element"
+    )
+    class_axis: int | None = Field(None, description="a classifier map: the axis of its classes")
     default_samples: int | None = None
     max_samples: int | None = None
     max_rows: int | None = None
@@ -175,6 +179,8 @@ def model_info(status: ModelStatus) -> ModelInfo:
         training_ranges=spec.input.training_ranges,
         description=spec.description,
         outputs=list(spec.output.names),
+        output_shape=list(spec.output_shape),
+        class_axis=spec.output.class_axis,
         default_samples=spec.mc.default_samples,
         max_samples=spec.mc.max_samples,
         max_rows=spec.mc.max_rows,

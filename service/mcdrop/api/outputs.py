@@ -2,6 +2,11 @@
 
 Regression outputs are [B, D] FP64 (samples [B, K, D]); classification outputs are [B, C] or
 [B] (samples [B, K, C]); interval names carry the level as a percentage: lower_95, upper_99.5.
+A model with a map output (output.shape of several axes) answers in its shape: [B, *shape]
+(probabilities [B, C, H, W], the measures and predicted_class [B, H, W]), plus the map's
+reductions: <measure>_map_mean [B], and for a classifier <measure>_by_class [B, C] (the
+measure's mean over the elements predicted as each class, 0 for none) and class_elements
+[B, C].
 """
 
 from __future__ import annotations
@@ -15,9 +20,17 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from mcdrop.api.oip_codec import OutputTensor, RequestedOutput, datatype_of
+from mcdrop.engine.accumulators import quantile_samples
 from mcdrop.errors import InvalidInput
 from mcdrop.repository.manifest import ModelSpec
-from mcdrop.uncertainty import ClassificationSummary, RegressionSummary, validate_levels
+from mcdrop.uncertainty import (
+    MAP_MEASURES,
+    ClassificationSummary,
+    RegressionSummary,
+    is_map,
+    map_reductions,
+    validate_levels,
+)
 
 INPUT_NAME = "input"
 MAX_LEVELS = 16
@@ -89,6 +102,8 @@ def summary_outputs(summary: RegressionSummary | ClassificationSummary) -> dict[
                 out[interval_name(level, "upper", empirical)] = _np(intervals[level].upper)
     if summary.samples is not None:
         out["samples"] = _np(summary.samples)
+    if is_map(summary):
+        out.update({name: _np(value) for name, value in map_reductions(summary).items()})
     return out
 
 
@@ -101,18 +116,35 @@ def output_metadata(spec: ModelSpec, levels: tuple[float, ...] = (0.95,)) -> lis
 
     Samples appear when the request asks for them (`return_samples` > 0).
     """
-    n = spec.n_outputs
+    shape = list(spec.output_shape) if spec.is_map else [spec.n_outputs]
     if spec.task == "classification":
-        meta = [_meta(name, [-1, n]) for name in CLASS_VECTORS]
-        meta.append(_meta("predicted_class", [-1], "INT64"))
-        meta += [_meta(name, [-1]) for name in CLASS_SCALARS]
+        axis = spec.output.class_axis or 0
+        per_element = [d for i, d in enumerate(shape) if i != axis] if spec.is_map else []
+        meta = [_meta(name, [-1, *shape]) for name in CLASS_VECTORS]
+        meta.append(_meta("predicted_class", [-1, *per_element], "INT64"))
+        meta += [_meta(name, [-1, *per_element]) for name in CLASS_SCALARS]
     else:
-        meta = [_meta(name, [-1, n]) for name in REGRESSION_MOMENTS]
-        for empirical in (False, True):
+        meta = [_meta(name, [-1, *shape]) for name in REGRESSION_MOMENTS]
+        kept = not spec.is_map or quantile_samples(math.prod(shape)) > 0  # engine/accumulators
+        empirical_kinds = (False, True) if kept else (False,)
+        for empirical in empirical_kinds:
             for level in validate_levels(levels):
-                meta.append(_meta(interval_name(level, "lower", empirical), [-1, n]))
-                meta.append(_meta(interval_name(level, "upper", empirical), [-1, n]))
-    meta.append(_meta("samples", [-1, -1, n]))
+                meta.append(_meta(interval_name(level, "lower", empirical), [-1, *shape]))
+                meta.append(_meta(interval_name(level, "upper", empirical), [-1, *shape]))
+    meta.append(_meta("samples", [-1, -1, *shape]))
+    if spec.is_map:
+        meta += _reduction_metadata(spec)
+    return meta
+
+
+def _reduction_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
+    if spec.task == "regression":
+        return [_meta(f"{name}_map_mean", [-1])
+                for name in ("mean", "epistemic_variance", "aleatoric_variance")]  # fmt: skip
+    n = spec.n_outputs
+    meta = [_meta("class_elements", [-1, n])]
+    for name in MAP_MEASURES:
+        meta += [_meta(f"{name}_map_mean", [-1]), _meta(f"{name}_by_class", [-1, n])]
     return meta
 
 

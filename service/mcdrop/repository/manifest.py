@@ -41,12 +41,37 @@ class InputSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Names of the outputs: regression targets, or class labels for a classifier."""
+    """Names of the outputs (regression targets, or class labels) and their shape per row.
+
+    Without `shape` the model returns one value per name. With it, a classifier's `names`
+    label the axis `class_axis` of `shape` (segmentation [C, H, W]: class_axis 0; per-token
+    tags [T, C]: 1) and every summary is per element of the other axes; a regression map's
+    `names` label its last axis, or one name labels the whole map.
+    """
 
     names: list[str] = Field(min_length=1)
     heteroscedastic: bool = Field(
         False, description="regression head emits [mean..., log-variance...] (2 x outputs)"
     )
+    shape: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="the model's output per row; default [len(names)]"
+    )
+    class_axis: int | None = Field(
+        None, description="classification with a shape of several axes: the axis of the classes"
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> OutputSpec:
+        shape = self.shape
+        if shape is None:
+            if self.class_axis is not None:
+                raise ValueError("output.class_axis needs output.shape")
+            return self
+        if self.heteroscedastic and len(shape) > 1:
+            raise ValueError("output.heteroscedastic needs a flat output.shape")
+        if self.class_axis is not None and not -len(shape) <= self.class_axis < len(shape):
+            raise ValueError(f"output.class_axis {self.class_axis} is not an axis of {shape}")
+        return self
 
 
 class NormalizationSpec(_Strict):
@@ -164,6 +189,7 @@ class ModelSpec(_Strict):
     def _consistent(self) -> ModelSpec:
         if self.task == "classification" and self.output.heteroscedastic:
             raise ValueError("output.heteroscedastic applies only to regression")
+        self._output_shape_fits_names()
         n_in = 1
         for d in self.input.shape:
             n_in *= d
@@ -187,10 +213,47 @@ class ModelSpec(_Strict):
                 )
         return self
 
+    def _output_shape_fits_names(self) -> None:
+        out, n = self.output, len(self.output.names)
+        shape = out.shape
+        if shape is None:
+            return
+        if self.task == "classification":
+            if len(shape) > 1 and out.class_axis is None:
+                raise ValueError(f"output.shape {shape} has several axes: say which one holds "
+                                 "the classes (output.class_axis)")  # fmt: skip
+            axis = out.class_axis or 0
+            if shape[axis] != n:
+                raise ValueError(f"output.names lists {n} classes but axis {axis} of "
+                                 f"output.shape {shape} has {shape[axis]}")  # fmt: skip
+        else:
+            if out.class_axis is not None:
+                raise ValueError("output.class_axis applies only to classification")
+            per_name = 2 if out.heteroscedastic else 1
+            if len(shape) == 1 and shape[0] != n * per_name:
+                raise ValueError(f"output.shape {shape} does not hold {n} output(s)"
+                                 + (" x2 (heteroscedastic)" if per_name == 2 else ""))  # fmt: skip
+            if len(shape) > 1 and n not in (1, shape[-1]):
+                raise ValueError(f"output.names lists {n} names: a map {shape} takes one name, "
+                                 f"or {shape[-1]} for its last axis")  # fmt: skip
+
     @property
     def n_outputs(self) -> int:
         """Outputs per row the client sees (targets, or classes)."""
         return len(self.output.names)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The model's output per row: output.shape, or one value per name (two if
+        heteroscedastic)."""
+        if self.output.shape is not None:
+            return tuple(self.output.shape)
+        return (self.n_outputs * (2 if self.output.heteroscedastic else 1),)
+
+    @property
+    def is_map(self) -> bool:
+        """Whether the output per row has several axes (per-element summaries)."""
+        return len(self.output_shape) > 1
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
