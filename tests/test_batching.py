@@ -543,3 +543,20 @@ async def test_short_requests_run_between_the_chunks_of_a_long_one(
         assert order == ["long", "later long", "call", "short 0", "short 1", "short 2"]
         assert paced.starts() == [100.0, 300.0, 200.0, 220.0]
         assert paced.chunks_before(("start", 200.0), 100.0) == 128
+
+
+async def test_a_failure_while_answering_is_an_error_for_the_batch_and_the_worker_lives_on(
+    mlp: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def broken(model: str, summary: Summary) -> None:
+        calls.append(model)
+        if len(calls) == 1:
+            raise TypeError("a metric that cannot read this summary")
+
+    monkeypatch.setattr(mlp.metrics, "observe_summary", broken)
+    with pytest.raises(ServiceError, match="see the server log"):
+        await asyncio.wait_for(mlp.worker.submit(mlp.request(1, 0.0, samples=8, seed=0)), 10)
+    after = await asyncio.wait_for(mlp.worker.submit(mlp.request(1, 0.0, samples=8, seed=0)), 10)
+    assert after.samples_used == 8

@@ -257,7 +257,19 @@ class BatchWorker:
             for job in jobs:  # one bad request must not take the others down
                 self._run([job], started)
             return
-        self._answer(jobs, results, started, time.monotonic() - t0 - checkpoint.lent_s)
+        self._answer_or_fail(jobs, results, started, time.monotonic() - t0 - checkpoint.lent_s)
+
+    def _answer_or_fail(
+        self, jobs: list[_Job], results: list[Summary], started: float, compute: float
+    ) -> None:
+        """_answer, and if recording the answers fails, a 500 for every job rather than a
+        worker thread gone and clients waiting forever."""
+        try:
+            self._answer(jobs, results, started, compute)
+        except Exception:
+            log.exception("model '%s' failed while answering %d request(s)", self.name, len(jobs))
+            for job in jobs:
+                job.settle(error=_internal(self.name))
 
     def _run_sharded(self, job: _Job, request: MCRequest, started: float) -> None:
         """One request above the shard_router's threshold, its samples spread over shard workers.
@@ -276,7 +288,7 @@ class BatchWorker:
             log.exception("model '%s' failed on a sharded request", self.name)
             job.settle(error=_internal(self.name))
             return
-        self._answer([job], [result], started, time.monotonic() - t0)
+        self._answer_or_fail([job], [result], started, time.monotonic() - t0)
 
     def _answer(
         self, jobs: list[_Job], results: list[Summary], started: float, compute: float

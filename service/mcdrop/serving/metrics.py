@@ -43,7 +43,7 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from mcdrop.uncertainty import ClassificationSummary, Summary
+from mcdrop.uncertainty import ClassificationSummary, Summary, is_map
 
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30)  # fmt: skip
 POWERS_OF_TWO = tuple(float(2**k) for k in range(11))  # 1 .. 1024
@@ -186,13 +186,19 @@ class Metrics:
     def observe_summary(self, model: str, summary: Summary) -> None:
         """The uncertainty of one answer: std [B, D] (regression) or entropy, MI [B].
 
-        Non-finite values are skipped: one NaN would poison the histogram's sum forever.
+        A map counts once per row, by its mean over the map (a 256 x 256 mask is one
+        observation, not 65,536). Non-finite values are skipped: one NaN would poison the
+        histogram's sum forever.
         """
         if isinstance(summary, ClassificationSummary):
-            _observe_all(self.entropy.labels(model), summary.entropy.tolist())
-            _observe_all(self.mutual_information.labels(model), summary.mutual_information.tolist())
+            entropy, mi = summary.entropy, summary.mutual_information
+            if is_map(summary):
+                entropy, mi = entropy.flatten(1).mean(dim=1), mi.flatten(1).mean(dim=1)
+            _observe_all(self.entropy.labels(model), entropy.tolist())
+            _observe_all(self.mutual_information.labels(model), mi.tolist())
         else:
-            _observe_all(self.predictive_std.labels(model), summary.std.flatten().tolist())
+            std = summary.std.flatten(1).mean(dim=1) if is_map(summary) else summary.std.flatten()
+            _observe_all(self.predictive_std.labels(model), std.tolist())
 
     def remove_model(self, model: str) -> None:
         """Drop every series labelled with `model` (it was unloaded)."""
