@@ -224,3 +224,45 @@ def test_declared_output_shapes_and_the_flat_default() -> None:
     flat = ModelSpec.model_validate(_raw(output={"names": ["y"], "heteroscedastic": True}))
     assert flat.output_shape == (2,)
     assert not flat.is_map
+
+
+def _named(*inputs: dict[str, Any]) -> dict[str, Any]:
+    raw = _raw(inputs=list(inputs))
+    del raw["input"]
+    return raw
+
+
+def test_named_inputs_fill_the_packed_input_shape() -> None:
+    spec = ModelSpec.model_validate(
+        _named(
+            {"name": "ids", "dtype": "int64", "shape": [4], "range": [0, 9], "pad": 0},
+            {"name": "mask", "dtype": "bool", "shape": [4], "mask_for": "ids"},
+            {"name": "extra", "shape": [2, 3], "default": 0.5},
+        )
+    )
+    assert spec.input.shape == [4 + 4 + 6]
+    assert spec.inputs is not None
+    assert [i.name for i in spec.inputs] == ["ids", "mask", "extra"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ([{"name": "a", "shape": [2]}, {"name": "a", "shape": [2]}], "names repeat"),
+        ([{"name": "a", "dtype": "int64", "shape": [2], "range": [0, 2**25]}], "±16777216"),
+        ([{"name": "a", "dtype": "int64", "shape": [2], "range": [3, 1]}], "is empty"),
+        ([{"name": "a", "dtype": "int64", "shape": [2], "default": 0.5}], "default 0.5"),
+        ([{"name": "a", "dtype": "bool", "shape": [2], "pad": 2}], "pad 2"),
+        ([{"name": "m", "shape": [2], "mask_for": "ids"}], "mask_for must name"),
+        ([{"name": "1x", "shape": [2]}], "inputs.0.name"),
+    ],
+)
+def test_bad_named_inputs_are_named(inputs: list[dict[str, Any]], expected: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        ModelSpec.model_validate(_named(*inputs))
+    assert expected in str(info.value)
+
+
+def test_input_and_inputs_together_are_refused() -> None:
+    with pytest.raises(pydantic.ValidationError, match=re.escape("either [input] or [[inputs]]")):
+        ModelSpec.model_validate(_raw(inputs=[{"name": "a", "shape": [3]}]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -12,9 +13,17 @@ from torch import Tensor
 
 from mcdrop.config import Settings
 from mcdrop.engine.core import MCEngine, MCOptions, MCRequest
+from mcdrop.engine.inputs import InputLayout, NamedInputs, pack
 from mcdrop.errors import InvalidInput, LimitExceeded, ModelLoadError, NonFiniteOutput
 from mcdrop.repository.loading import load_module
-from mcdrop.repository.manifest import MANIFEST_NAME, ModelSpec, load_manifest
+from mcdrop.repository.manifest import (
+    EXACT_INTEGER,
+    INTEGER_DTYPES,
+    MANIFEST_NAME,
+    ModelSpec,
+    NamedInput,
+    load_manifest,
+)
 from mcdrop.uncertainty import NonFinite, Summary, first_non_finite
 
 CANARY_ROWS = 2  # probe rows a new version must answer before it is swapped in
@@ -67,6 +76,65 @@ def _check_outputs(spec: ModelSpec, shape: tuple[int, ...], manifest: Path) -> N
         )
 
 
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
+                 "bool": torch.bool}  # fmt: skip
+
+
+def input_layout(spec: ModelSpec) -> list[InputLayout]:
+    """The packed row of a model with named inputs, in manifest order."""
+    assert spec.inputs is not None
+    return [InputLayout(item.name, tuple(item.shape), _TORCH_DTYPES[item.dtype],
+                        *(item.range if item.range is not None else (None, None)))
+            for item in spec.inputs]  # fmt: skip
+
+
+def _named_rows(item: NamedInput, value: Tensor | Sequence[Tensor]) -> tuple[Tensor, list[int]]:
+    """One named input's rows [B, *shape] (float64), rows shorter on axis 0 padded if allowed,
+    and each row's own length on axis 0 (before padding)."""
+    rows = list(value) if not isinstance(value, Tensor) else [value[i] for i in range(len(value))]
+    shape = tuple(item.shape)
+    padded = []
+    lengths = []
+    for r, row in enumerate(rows):
+        row = torch.as_tensor(row, dtype=torch.float64)
+        lengths.append(row.shape[0] if row.dim() else 0)
+        if row.dim() == len(shape) and item.pad is not None and row.shape[1:] == shape[1:] \
+                and row.shape[0] < shape[0]:  # fmt: skip
+            fill = torch.full((shape[0] - row.shape[0], *shape[1:]), item.pad, dtype=row.dtype)
+            row = torch.cat([row, fill])
+        if tuple(row.shape) != shape:
+            hint = (
+                f" (or shorter on axis 0: padded with {item.pad:g})" if item.pad is not None else ""
+            )
+            raise InvalidInput(f"inputs '{item.name}': row {r} has shape {list(row.shape)}; "
+                               f"expected {list(shape)}{hint}")  # fmt: skip
+        padded.append(row)
+    values = torch.stack(padded)
+    _check_values(item, values)
+    return values, lengths
+
+
+def _check_values(item: NamedInput, values: Tensor) -> None:
+    """Every value fits the input's dtype and range, or a 400 names the first that does not."""
+    bad = ~torch.isfinite(values)
+    what = "finite"
+    if item.dtype in INTEGER_DTYPES or item.dtype == "bool":
+        bad |= values != values.round()
+        what = "an integer" if item.dtype != "bool" else "0 or 1"
+        if item.dtype == "bool":
+            bad |= (values != 0) & (values != 1)
+        else:
+            bad |= values.abs() > EXACT_INTEGER
+    if item.range is not None:
+        bad |= (values < item.range[0]) | (values > item.range[1])
+        what += f" in [{item.range[0]:g}, {item.range[1]:g}]"
+    if bool(bad.any()):
+        index = [int(i) for i in bad.nonzero()[0]]
+        raise InvalidInput(f"inputs '{item.name}': value {float(values[tuple(index)]):g} at row "
+                           f"{index[0]}, position {index[1:]} is not {what}")  # fmt: skip
+
+
 @dataclass
 class ServedModel:
     """One loaded model version, ready to answer requests from any thread."""
@@ -83,6 +151,8 @@ class ServedModel:
         settings = settings or Settings()
         spec = load_manifest(folder / MANIFEST_NAME)
         module = load_module(spec, folder)
+        if spec.inputs is not None:
+            module = NamedInputs(module, input_layout(spec))
         shape = tuple(spec.input.shape)
         norm = spec.normalization
         scale = _target_affine(norm.target_std, spec)
@@ -145,6 +215,43 @@ class ServedModel:
             ).validated()
         except ValueError as exc:
             raise InvalidInput(str(exc)) from exc
+
+    def pack_named(self, values: Mapping[str, Tensor | Sequence[Tensor]]) -> Tensor:
+        """Named inputs ({name: rows [B, *shape], or a list of rows}) -> packed rows [B, F].
+
+        Unknown names, missing required inputs, row counts that differ, shapes and values
+        outside the manifest's declaration each get a 400 naming the input.
+        """
+        named = self.spec.inputs
+        if named is None:
+            raise InvalidInput("inputs: this model takes one input, not named ones")
+        known = [item.name for item in named]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InvalidInput(f"inputs: unknown input(s) {unknown}; this model takes {known}")
+        tensors: dict[str, Tensor] = {}
+        lengths: dict[str, list[int]] = {}
+        for item in named:
+            if item.name in values:
+                tensors[item.name], lengths[item.name] = _named_rows(item, values[item.name])
+            elif item.default is None and (item.mask_for is None or item.mask_for not in values):
+                raise InvalidInput(f"inputs: '{item.name}' is required (this model takes {known})")
+        counts = {name: len(t) for name, t in tensors.items()}
+        if len(set(counts.values())) != 1:
+            raise InvalidInput(f"inputs: every input needs the same number of rows, got {counts}")
+        rows = next(iter(counts.values()))
+        for item in named:
+            if item.name in tensors:
+                continue
+            if item.mask_for is not None and item.mask_for in lengths:  # 1 over values, 0 pads
+                own = torch.tensor(lengths[item.mask_for]).view(rows, *([1] * len(item.shape)))
+                position = torch.arange(item.shape[0]).view(1, -1, *([1] * (len(item.shape) - 1)))
+                tensors[item.name] = (position < own).expand(rows, *item.shape).to(torch.float64)
+            else:
+                assert item.default is not None
+                tensors[item.name] = torch.full((rows, *item.shape), item.default,
+                                                dtype=torch.float64)  # fmt: skip
+        return pack(input_layout(self.spec), tensors)
 
     def prepare_input(self, rows: Tensor) -> Tensor:
         """Check raw rows [B, *input.shape] and normalise them for the network."""
@@ -225,6 +332,12 @@ class ServedModel:
         probe = torch.zeros(shape) if mean is None else mean.expand(shape)
         n = min(CANARY_ROWS, self.spec.mc.max_rows)
         rows = probe.unsqueeze(0).expand(n, *shape).contiguous()
+        if self.spec.inputs is not None:  # a request as a client sends it: required inputs
+            rows = self.pack_named({  # at their lowest allowed value, masks from their inputs
+                item.name: torch.full((n, *item.shape), 0.0 if item.range is None
+                                      else max(item.range[0], min(item.range[1], 0.0)))
+                for item in self.spec.inputs if item.default is None and item.mask_for is None
+            })  # fmt: skip
         try:
             options = self.options(min(CANARY_SAMPLES, self.spec.mc.max_samples), seed=CANARY_SEED)
             return self.predict(rows, options)

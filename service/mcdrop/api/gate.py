@@ -37,7 +37,8 @@ ENVELOPE_BYTES = 64 << 10  # parameters, output lists, ids, headers of binary re
 
 def body_budget(spec: ModelSpec) -> int:
     """Largest body a request to this model needs: max_rows of inputs and of targets."""
-    per_row = math.prod(spec.input.shape) + math.prod(spec.output_shape)
+    targets = math.prod(spec.output_shape) if spec.is_map else spec.n_outputs
+    per_row = math.prod(spec.input.shape) + targets
     return ENVELOPE_BYTES + spec.mc.max_rows * per_row * JSON_BYTES_PER_VALUE
 
 

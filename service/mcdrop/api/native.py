@@ -114,6 +114,22 @@ def _tensor(values: Rows, field: str) -> torch.Tensor:
         raise InvalidInput(f"{field}: must be a rectangular array of numbers ({exc})") from exc
 
 
+def _rows(model: ServedModel, rows: Rows) -> torch.Tensor:
+    """Rows of the single input, or (a model with named inputs) objects keyed by input name."""
+    if model.spec.inputs is None:
+        return _tensor(rows, "rows")
+    if not all(isinstance(row, dict) for row in rows):
+        known = [item.name for item in model.spec.inputs]
+        raise InvalidInput(f"rows: this model takes named inputs: send objects keyed by {known}")
+    values = {}
+    for name in sorted({name for row in rows for name in row}):
+        missing = [r for r, row in enumerate(rows) if name not in row]
+        if missing:
+            raise InvalidInput(f"rows: input '{name}' is missing from rows {missing[:8]}")
+        values[name] = [_tensor(row[name], f"rows[{r}].{name}") for r, row in enumerate(rows)]
+    return model.pack_named(values)
+
+
 def _options(model: ServedModel, body: MCParameters) -> Any:
     return model.options(
         body.samples,
@@ -134,7 +150,7 @@ async def predict(name: str, body: PredictRequest, request: Request) -> Response
     """MC prediction: mean and uncertainty per row, in the model's raw units."""
     entry = model_entry(request, name)
     request.state.metric = (name, "predict")  # only known models get series
-    rows = _tensor(body.rows, "rows")
+    rows = _rows(entry.model, body.rows)
     work = registry_of(request).infer(entry, rows, _options(entry.model, body),
                                       deadline=deadline(request, body.timeout_ms))  # fmt: skip
     answer = await unless_disconnected(request, work)

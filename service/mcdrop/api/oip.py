@@ -187,7 +187,8 @@ def mc_options(model: ServedModel, params: dict[str, Any]) -> MCOptions:
     openapi_extra={"requestBody": INFER_REQUEST_BODY},
 )
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
-    """MC inference over the rows of the single input tensor 'input'."""
+    """MC inference over the rows of the single input tensor 'input', or of the model's
+    named inputs (one tensor each, any OIP datatype; optional ones may be left out)."""
     entry = model_entry(request, name, version)
     model = entry.model
     request.state.metric = (name, "oip_infer")  # only known models get series
@@ -196,10 +197,16 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     if header is not None and header_length is None:
         raise InvalidInput(f"{HEADER_LENGTH}: '{header}' is not a byte count")
     parsed = parse_infer_request(await request.body(), header_length)
-    if len(parsed.inputs) != 1 or parsed.inputs[0].name != "input":
+    if model.spec.inputs is not None:
+        named = {t.name: torch.from_numpy(t.data.astype("float64")) for t in parsed.inputs}
+        if len(named) != len(parsed.inputs):
+            raise InvalidInput(f"inputs: names repeat: {[t.name for t in parsed.inputs]}")
+        rows = model.pack_named(named)
+    elif len(parsed.inputs) != 1 or parsed.inputs[0].name != "input":
         names = [t.name for t in parsed.inputs]
         raise InvalidInput(f"inputs: this model takes one tensor named 'input', got {names}")
-    rows = torch.from_numpy(parsed.inputs[0].data.astype("float64", copy=False))
+    else:
+        rows = torch.from_numpy(parsed.inputs[0].data.astype("float64", copy=False))
     options = mc_options(model, parsed.parameters)
     timeout_us = _int_param(parsed.parameters, "timeout")
     if timeout_us is not None and timeout_us <= 0:

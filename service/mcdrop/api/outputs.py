@@ -148,9 +148,27 @@ def _reduction_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
     return meta
 
 
+_OIP_DATATYPES = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "bfloat16": "BF16",
+                  "int64": "INT64", "int32": "INT32", "bool": "BOOL"}  # fmt: skip
+
+
 def input_metadata(spec: ModelSpec) -> list[dict[str, Any]]:
-    """The one input every model takes: rows of the manifest's input shape, as FP32."""
-    return [_meta(INPUT_NAME, [-1, *spec.input.shape], "FP32")]
+    """The model's inputs: one 'input' of the manifest's shape as FP32, or its named inputs,
+    each in its own datatype (optional ones say so, with their default and range)."""
+    if spec.inputs is None:
+        return [_meta(INPUT_NAME, [-1, *spec.input.shape], "FP32")]
+    metadata = []
+    for item in spec.inputs:
+        meta = _meta(item.name, [-1, *item.shape], _OIP_DATATYPES[item.dtype])
+        extra = {
+            "optional": item.default is not None,
+            "default": item.default,
+            "range": None if item.range is None else list(item.range),
+            "pad": item.pad,
+        }
+        meta["parameters"] = {k: v for k, v in extra.items() if v is not None}
+        metadata.append(meta)
+    return metadata
 
 
 def _hint(name: str) -> str:

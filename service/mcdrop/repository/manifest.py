@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -38,6 +39,56 @@ class InputSpec(_Strict):
     training_ranges: list[tuple[float, float]] | None = Field(
         None, description="1-D inputs: the intervals the training data covered (for plots)"
     )
+
+
+InputDtype = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "bool"]
+INTEGER_DTYPES = frozenset({"int64", "int32"})
+EXACT_INTEGER = 2**24  # inputs travel to the engine as float32: integers exact up to this
+
+
+class NamedInput(_Strict):
+    """One of several named inputs: the model's forward takes it as a keyword argument."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+    dtype: InputDtype = "float32"
+    shape: list[Annotated[int, Field(ge=1)]] = Field(min_length=1)
+    range: tuple[float, float] | None = Field(
+        None, description="the values allowed, inclusive (token ids: [0, vocab_size - 1])"
+    )
+    default: float | None = Field(None, description="optional input: this value when absent")
+    pad: float | None = Field(
+        None, description="rows may be shorter along the first axis, padded with this value"
+    )
+    mask_for: str | None = Field(
+        None,
+        description="this input is the padding mask of the named input: when a request "
+        "leaves it out, 1 over that input's own values and 0 over its padding",
+    )
+
+    @model_validator(mode="after")
+    def _values(self) -> NamedInput:
+        if self.range is not None and self.range[0] > self.range[1]:
+            raise ValueError(f"inputs '{self.name}': range {list(self.range)} is empty")
+        if (
+            self.dtype in INTEGER_DTYPES
+            and self.range is not None
+            and max(abs(self.range[0]), abs(self.range[1])) > EXACT_INTEGER
+        ):
+            raise ValueError(f"inputs '{self.name}': range {list(self.range)} goes past "
+                             f"±{EXACT_INTEGER} (integers are exact only up to there)")  # fmt: skip
+        for what in ("default", "pad"):
+            value = getattr(self, what)
+            if value is not None and not self.allows(value):
+                raise ValueError(f"inputs '{self.name}': {what} {value} is not an allowed value")
+        return self
+
+    def allows(self, value: float) -> bool:
+        """Whether one value fits this input's dtype and range."""
+        if self.dtype in INTEGER_DTYPES and value != int(value):
+            return False
+        if self.dtype == "bool" and value not in (0, 1):
+            return False
+        return self.range is None or self.range[0] <= value <= self.range[1]
 
 
 class OutputSpec(_Strict):
@@ -178,6 +229,11 @@ class ModelSpec(_Strict):
     task: Task
     description: str = ""
     input: InputSpec
+    inputs: list[NamedInput] | None = Field(
+        None,
+        description="several named inputs (the model takes keyword arguments); then "
+        "`input` is their packed row, filled in",
+    )
     output: OutputSpec
     model: ArchitectureSpec
     normalization: NormalizationSpec = NormalizationSpec()
@@ -185,8 +241,40 @@ class ModelSpec(_Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     batching: BatchingSpec = BatchingSpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _packed_input(cls, data: Any) -> Any:
+        """With [[inputs]], `input` is their packed row (the engine's one tensor)."""
+        if not isinstance(data, dict) or data.get("inputs") is None:
+            return data
+        if "input" in data:
+            raise ValueError("give either [input] or [[inputs]], not both")
+        named = data["inputs"]
+        if not isinstance(named, list) or not named:
+            raise ValueError("inputs must be a non-empty list of tables")
+        total = 0
+        for item in named:
+            shape = item.get("shape") if isinstance(item, dict) else None
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape):
+                return data  # the field validators name what is wrong
+            total += math.prod(shape)
+        return {**data, "input": {"shape": [total]}}
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
+        if self.inputs is not None:
+            names = [item.name for item in self.inputs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"inputs: names repeat: {names}")
+            by_name = {item.name: item for item in self.inputs}
+            for item in self.inputs:
+                target = by_name.get(item.mask_for or "")
+                if item.mask_for is not None and (target is None or target.pad is None
+                                                  or target.shape != item.shape):  # fmt: skip
+                    raise ValueError(f"inputs '{item.name}': mask_for must name another input "
+                                     "of the same shape that has a pad value")  # fmt: skip
+            if self.normalization.input_mean is not None:
+                raise ValueError("normalization.input_mean applies to a single [input] only")
         if self.task == "classification" and self.output.heteroscedastic:
             raise ValueError("output.heteroscedastic applies only to regression")
         self._output_shape_fits_names()
