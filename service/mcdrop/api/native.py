@@ -23,7 +23,7 @@ from mcdrop.api.deps import (
     unless_disconnected,
 )
 from mcdrop.api.errors import ERROR_RESPONSES
-from mcdrop.errors import InvalidInput, ModelNotFound
+from mcdrop.errors import InvalidInput
 from mcdrop.evaluation import evaluate
 from mcdrop.model import ServedModel
 from mcdrop.render import summary_meta, summary_rows
@@ -238,8 +238,12 @@ async def recent_uncertainty(
 
 @router.get("/v1/models/{name}/calibration")
 async def latest_calibration(name: str, request: Request) -> dict[str, Any]:
-    """The latest report of POST /v1/models/{name}/evaluate and when it was made (unix s)."""
+    """The latest report of POST /v1/models/{name}/evaluate and when it was made (unix s).
+
+    Before any evaluation: time and report are null (a 200: a dashboard polling it is not an
+    error); an unknown model is still a 404.
+    """
     latest = registry_of(request).get(name).recent.latest_calibration
     if latest is None:
-        raise ModelNotFound(f"no evaluation has been sent for model '{name}' yet")
+        return {"model": name, "time": None, "report": None}
     return {"model": name, **latest}
