@@ -402,3 +402,25 @@ def test_a_non_finite_json_output_raises_instead_of_writing_bare_nan(value: floa
     got = decode(body, headers).as_numpy("mean")
     assert got is not None
     assert np.array_equal(got, out.data, equal_nan=True)
+
+
+def test_bf16_inputs_from_tritonclient_decode_exactly_as_float32() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="tritonclient's BF16 needs ml_dtypes")
+    values = np.array(
+        [[1.5, -2.25, 3.140625], [0.0, -0.0078125, 65280.0]], dtype=ml_dtypes.bfloat16
+    )
+    tensor_in = triton.InferInput("ids", list(values.shape), "BF16")
+    tensor_in.set_data_from_numpy(values, binary_data=True)
+    body, json_size = triton_body([tensor_in])
+    (tensor,) = parse_infer_request(body, json_size).inputs
+    assert tensor.datatype == "BF16"
+    assert tensor.data.dtype == np.float32
+    assert np.array_equal(tensor.data, values.astype(np.float32))
+
+
+def test_bf16_json_numbers_round_to_the_nearest_bfloat16() -> None:
+    doc = json_body(inputs=[{"name": "x", "shape": [3], "datatype": "BF16",
+                             "data": [1.0, 1.00390625, 1.01171875]}])  # fmt: skip
+    (tensor,) = parse_infer_request(doc, None).inputs
+    # 1 + 2^-8 is a tie between 1 and 1 + 2^-7: to even (1.0); 1 + 3·2^-8 rounds up
+    assert tensor.data.tolist() == [1.0, 1.0, 1.015625]

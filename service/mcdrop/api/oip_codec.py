@@ -26,7 +26,8 @@ _WIRE = {"BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64"
          "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}  # fmt: skip
 DATATYPES: dict[str, np.dtype[Any]] = {name: np.dtype(code) for name, code in _WIRE.items()}
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
-_UNSUPPORTED = ("BYTES", "BF16")
+_UNSUPPORTED = ("BYTES",)
+BF16 = "BF16"  # no numpy dtype: read as float32 (its high 16 bits), exact
 MAX_DIMS = 64  # numpy's limit on an array's dimensions
 _WIDEST = max(dt.itemsize for dt in DATATYPES.values())  # what a tensor may be cast to later
 # The JSON scalars each kind of datatype accepts (JSON gives exactly these types, no subclasses).
@@ -177,6 +178,30 @@ def _from_json(data: Any, datatype: str, shape: list[int], label: str) -> NDArra
         return wide.astype(native)
 
 
+def _bf16(
+    raw: dict[str, Any], tail: memoryview, offset: int, size: Any, shape: list[int], label: str
+) -> tuple[NDArray[Any], int]:
+    """A BF16 input as float32 values (a bfloat16 is a float32's high half, so this is exact):
+    binary data as sent, JSON numbers rounded to the nearest bfloat16 (ties to even)."""
+    count = math.prod(shape)
+    if size is None:
+        if "data" not in raw:
+            raise InvalidInput(f"{label}: data required (or parameters.binary_data_size)")
+        values = _from_json(raw["data"], "FP32", shape, label)
+        bits = values.view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return rounded.astype(np.uint32).view(np.float32), offset
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{label}: binary_data_size must be a non-negative integer")
+    if "data" in raw:
+        raise InvalidInput(f"{label}: has both data and binary_data_size; send one")
+    if size != 2 * count:
+        raise InvalidInput(f"{label}: {count} BF16 values need {2 * count} bytes, "
+                           f"binary_data_size is {size}")  # fmt: skip
+    halves = _from_binary(tail, offset, size, "UINT16", count, label)
+    return (halves.astype(np.uint32) << 16).view(np.float32), offset + size
+
+
 def _from_binary(
     tail: memoryview, offset: int, size: int, datatype: str, count: int, label: str
 ) -> NDArray[Any]:
@@ -210,7 +235,7 @@ def _parse_input(raw: Any, index: int, tail: memoryview, offset: int) -> tuple[I
     datatype = raw.get("datatype")
     if datatype in _UNSUPPORTED:
         raise InvalidInput(f"{label}: datatype {datatype!r} is not supported; send numbers")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != BF16):
         raise InvalidInput(
             f"{label}: datatype {_short(datatype)} is not a tensor datatype; "
             f"expected one of {', '.join(DATATYPES)}"
@@ -234,7 +259,9 @@ def _parse_input(raw: Any, index: int, tail: memoryview, offset: int) -> tuple[I
         raise InvalidInput(f"{label}: shared memory is not supported; send data or binary data")
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
-    if size is None:
+    if datatype == BF16:
+        data, offset = _bf16(raw, tail, offset, size, shape, label)
+    elif size is None:
         if "data" not in raw:
             raise InvalidInput(f"{label}: data required (or parameters.binary_data_size)")
         data = _from_json(raw["data"], datatype, shape, label)
