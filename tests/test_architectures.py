@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from mcdrop.errors import ModelLoadError
-from mcdrop.repository.architectures import build_architecture, build_cnn, build_mlp
+from mcdrop.repository.architectures import build_architecture, build_cnn, build_fcn, build_mlp
 from mcdrop.repository.manifest import ModelSpec
 
 M = TypeVar("M", bound=nn.Module)
@@ -210,3 +210,138 @@ def test_architecture_cnn_needs_three_dimensional_input() -> None:
 def test_architecture_cnn_too_small_image_is_a_config_error() -> None:
     with pytest.raises(ModelLoadError, match=r"model\.config\.image_size: \[2, 2\] is too small"):
         build_architecture(_spec("cnn", [1, 2, 2], config={"channels": [2, 2]}))
+
+
+# --- fcn (per-pixel segmentation) -----------------------------------------------------------
+
+
+def test_fcn_children_named_in_order() -> None:
+    fcn = build_fcn(2, 4, widths=[3, 5, 7], dropout=0.25)
+    assert _names(fcn) == [
+        "conv0",
+        "act0",
+        "pool0",
+        "conv1",
+        "act1",
+        "pool1",
+        "conv2",
+        "act2",
+        "dropout",
+        "up1",
+        "conv_up1",
+        "act_up1",
+        "up0",
+        "conv_up0",
+        "act_up0",
+        "out",
+    ]
+    conv0, conv2 = _layer(fcn, "conv0", nn.Conv2d), _layer(fcn, "conv2", nn.Conv2d)
+    assert (conv0.in_channels, conv0.out_channels, conv0.padding) == (2, 3, (1, 1))
+    assert (conv2.in_channels, conv2.out_channels) == (5, 7)
+    # the decoder walks the widths back: 7 -> 5 -> 3, then a 1x1 conv to the classes
+    up1, up0 = _layer(fcn, "conv_up1", nn.Conv2d), _layer(fcn, "conv_up0", nn.Conv2d)
+    assert (up1.in_channels, up1.out_channels, up0.out_channels) == (7, 5, 3)
+    out = _layer(fcn, "out", nn.Conv2d)
+    assert (out.in_channels, out.out_channels, out.kernel_size) == (3, 4, (1, 1))
+    assert _layer(fcn, "dropout", nn.Dropout2d).p == pytest.approx(0.25)
+    assert fcn(torch.randn(3, 2, 16, 12)).shape == (3, 4, 16, 12)
+
+
+def test_fcn_logits_are_per_pixel_and_dropout_drops_channels() -> None:
+    fcn = build_fcn(1, 3, widths=[4, 8], dropout=0.5)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(fcn.eval()(x), fcn(x))  # eval: dropout off, deterministic
+    fcn.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        features = fcn[:5](x)  # conv0 act0 pool0 conv1 act1 -> [2, 8, 4, 4]
+        dropped = fcn.get_submodule("dropout")(features)
+    # Dropout2d zeroes whole channels of a row and scales the others by 1 / (1 - p)
+    zero = dropped.flatten(2).eq(0).all(dim=2)
+    assert bool(zero.any())
+    kept = ~zero
+    torch.testing.assert_close(dropped[kept], 2.0 * features[kept])
+
+
+def test_fcn_without_downsample_or_with_batchnorm() -> None:
+    flat = build_fcn(3, 2, widths=[4, 6], kernel_size=5, downsample=False)
+    assert _names(flat) == ["conv0", "act0", "conv1", "act1", "dropout", "out"]
+    assert _layer(flat, "conv1", nn.Conv2d).padding == (2, 2)
+    assert flat(torch.randn(1, 3, 7, 9)).shape == (1, 2, 7, 9)  # odd sizes keep theirs
+    normed = build_fcn(1, 2, widths=[4, 6], batchnorm=True, dropout=0.0)
+    assert _names(normed)[:3] == ["conv0", "bn0", "act0"]
+    assert "dropout" not in _names(normed)
+    assert _layer(normed, "conv0", nn.Conv2d).bias is None  # BatchNorm carries the shift
+    assert normed.eval()(torch.randn(2, 1, 8, 8)).shape == (2, 2, 8, 8)
+
+
+def test_fcn_validates_arguments() -> None:
+    with pytest.raises(ValidationError, match="classes"):
+        build_fcn(in_channels=1, classes=0)
+    with pytest.raises(ValidationError, match="widths"):
+        build_fcn(1, 3, widths=[])
+    with pytest.raises(ValidationError, match="dropout"):
+        build_fcn(1, 3, dropout=1.0)
+    with pytest.raises(ValueError, match="kernel_size: must be odd"):
+        build_fcn(1, 3, kernel_size=2)
+    with pytest.raises(ValueError, match=r"image_size: \[30, 32\] must be multiples of 4"):
+        build_fcn(1, 3, widths=[2, 2, 2], image_size=[30, 32])
+    build_fcn(1, 3, widths=[2, 2, 2], image_size=[30, 32], downsample=False)  # no pooling
+
+
+def _segmentation_spec(
+    shape: list[int],
+    n_classes: int,
+    config: dict[str, Any],
+    output_shape: list[int] | None = None,
+    class_axis: int | None = 0,
+) -> ModelSpec:
+    """An fcn manifest; its output shape defaults to [classes, *input's height and width]."""
+    return ModelSpec.model_validate(
+        {
+            "name": "m",
+            "task": "classification",
+            "input": {"shape": shape},
+            "output": {
+                "names": [f"c{i}" for i in range(n_classes)],
+                "shape": output_shape or [n_classes, *shape[1:]],
+                "class_axis": class_axis,
+            },
+            "model": {"format": "builtin", "architecture": "fcn", "config": config},
+        }
+    )
+
+
+def test_architecture_derives_fcn_sizes_from_spec() -> None:
+    fcn = build_architecture(_segmentation_spec([2, 16, 16], 3, {"widths": [4, 8]}))
+    assert _layer(fcn, "conv0", nn.Conv2d).in_channels == 2
+    assert _layer(fcn, "out", nn.Conv2d).out_channels == 3
+    assert fcn(torch.randn(2, 2, 16, 16)).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("shape", "config", "field"),
+    [
+        ([1, 8, 8], {"widths": [4, "8"]}, r"model\.config\.widths\.1: Input should be a valid int"),
+        ([1, 8, 8], {"dropout": 2.0}, r"model\.config\.dropout: Input should be less than 1"),
+        ([1, 8, 8], {"widht": [4]}, r"model\.config\.widht: unknown argument for fcn"),
+        ([1, 8, 8], {"classes": 4}, r"model\.config\.classes: 4 .* imply 3"),
+        ([1, 8, 8], {"kernel_size": 4}, r"model\.config\.kernel_size: must be odd"),
+        ([1, 6, 8], {"widths": [2, 2, 2]}, r"model\.config\.image_size: \[6, 8\] must be"),
+        ([64], {}, r"input\.shape: the fcn architecture needs \[channels, height, width\]"),
+    ],
+)
+def test_architecture_fcn_errors_name_the_field(
+    shape: list[int], config: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=field):
+        build_architecture(_segmentation_spec(shape, 3, config))
+
+
+def test_architecture_fcn_needs_the_per_pixel_output_declared() -> None:
+    with pytest.raises(ModelLoadError, match=r"output\.shape: .* = \[3, 8, 8\] per row, got \[3\]"):
+        build_architecture(_segmentation_spec([1, 8, 8], 3, {}, [3], class_axis=None))
+    with pytest.raises(ModelLoadError, match=r"output\.shape: .* = \[3, 8, 8\] per row"):
+        build_architecture(_segmentation_spec([1, 8, 8], 3, {}, [3, 16, 16]))
+    with pytest.raises(ModelLoadError, match=r"output\.class_axis: .* axis 0, got 2"):
+        build_architecture(_segmentation_spec([1, 3, 3], 3, {"widths": [2]}, [3, 3, 3], 2))

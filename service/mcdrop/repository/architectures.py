@@ -1,4 +1,5 @@
-"""Built-in dropout architectures (MLP, small CNN), rebuilt from the manifest's `[model.config]`.
+"""Built-in dropout architectures (MLP, small CNN, tiny segmentation FCN), rebuilt from the
+manifest's `[model.config]`.
 
 Child modules get readable names (`fc0`, `dropout0`, `conv1`, ...) so a manifest can pick
 which dropout sites sample by name, and so weights files have stable, legible keys.
@@ -117,20 +118,97 @@ def build_cnn(
     return nn.Sequential(layers)
 
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {"mlp": build_mlp, "cnn": build_cnn}
+@_validated
+def build_fcn(
+    in_channels: PositiveInt,
+    classes: PositiveInt,
+    widths: Annotated[Sequence[PositiveInt], Field(min_length=1)] = (8, 16),
+    dropout: Probability = 0.2,
+    kernel_size: PositiveInt = 3,
+    downsample: bool = True,
+    batchnorm: bool = False,
+    image_size: ImageSize | None = None,
+) -> nn.Sequential:
+    """Fully convolutional segmenter [B, in_channels, H, W] -> per-pixel logits [B, classes, H, W].
+
+    Encoder {conv, (bn), relu, (maxpool2)}* over `widths` (a 2x2 max-pool between stages
+    when `downsample`), channel dropout (nn.Dropout2d) on the bottleneck, then one
+    {upsample2, conv, relu} per pool back to widths[0] and a 1x1 conv to the classes.
+    Odd kernels with padding k // 2 keep every convolution's size, so with `downsample` the
+    output matches the input when H and W are multiples of 2 ** (len(widths) - 1);
+    `image_size`, when given (the manifest's input shape), is checked for that.
+    """
+    if kernel_size % 2 == 0:
+        raise ValueError(
+            f"kernel_size: must be odd so convolutions keep the size, got {kernel_size}"
+        )
+    pools = len(widths) - 1 if downsample else 0
+    if image_size is not None and any(s % 2**pools for s in image_size):
+        raise ValueError(
+            f"image_size: {list(image_size)} must be multiples of {2**pools} for {pools} 2x2 "
+            f"pooling stages, or the upsampled logits would not match the input's size"
+        )
+    pad = kernel_size // 2
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    c_prev = in_channels
+    for i, c in enumerate(widths):
+        if i > 0 and downsample:
+            layers[f"pool{i - 1}"] = nn.MaxPool2d(2)
+        layers[f"conv{i}"] = nn.Conv2d(c_prev, c, kernel_size, padding=pad, bias=not batchnorm)
+        if batchnorm:
+            layers[f"bn{i}"] = nn.BatchNorm2d(c)
+        layers[f"act{i}"] = nn.ReLU()
+        c_prev = c
+    if dropout > 0:
+        layers["dropout"] = nn.Dropout2d(dropout)
+    for j in reversed(range(pools)):
+        layers[f"up{j}"] = nn.Upsample(scale_factor=2, mode="nearest")
+        layers[f"conv_up{j}"] = nn.Conv2d(c_prev, widths[j], kernel_size, padding=pad)
+        layers[f"act_up{j}"] = nn.ReLU()
+        c_prev = widths[j]
+    layers["out"] = nn.Conv2d(c_prev, classes, 1)
+    return nn.Sequential(layers)
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": build_mlp,
+    "cnn": build_cnn,
+    "fcn": build_fcn,
+}
 
 
 def _derived_config(spec: ModelSpec) -> dict[str, Any]:
     """Constructor arguments implied by the manifest's input/output sections."""
+    arch = spec.model.architecture
     shape = spec.input.shape
     n_out = spec.n_outputs * (2 if spec.output.heteroscedastic else 1)
-    if spec.model.architecture == "mlp":
+    if arch == "mlp":
         return {"in_features": math.prod(shape), "out_features": n_out, "flatten": len(shape) > 1}
     if len(shape) != 3:
         raise ModelLoadError(
-            f"input.shape: the cnn architecture needs [channels, height, width], got {shape}"
+            f"input.shape: the {arch} architecture needs [channels, height, width], got {shape}"
         )
-    return {"in_channels": shape[0], "image_size": list(shape[1:]), "out_features": n_out}
+    if arch == "cnn":
+        return {"in_channels": shape[0], "image_size": list(shape[1:]), "out_features": n_out}
+    _check_per_pixel_output(spec)  # fcn
+    return {"in_channels": shape[0], "image_size": list(shape[1:]), "classes": n_out}
+
+
+def _check_per_pixel_output(spec: ModelSpec) -> None:
+    """An fcn returns [classes, height, width] per row: the manifest must say so, or the
+    engine would read the map as one long vector (one softmax over every pixel)."""
+    expected = [spec.n_outputs, *spec.input.shape[1:]]
+    out = spec.output
+    if out.shape is None or list(out.shape) != expected:
+        raise ModelLoadError(
+            f"output.shape: the fcn architecture returns per-pixel logits [classes, height, "
+            f"width] = {expected} per row, got {out.shape}"
+        )
+    if out.class_axis not in (0, -3):
+        raise ModelLoadError(
+            f"output.class_axis: the fcn architecture holds the classes on axis 0, "
+            f"got {out.class_axis}"
+        )
 
 
 def build_architecture(spec: ModelSpec) -> nn.Module:

@@ -150,7 +150,7 @@ class ArchitectureSpec(_Strict):
     """How to rebuild the network: a built-in architecture, a user factory, or TorchScript."""
 
     format: Literal["builtin", "entrypoint", "torchscript"]
-    architecture: Literal["mlp", "cnn"] | None = None
+    architecture: Literal["mlp", "cnn", "fcn"] | None = None
     entrypoint: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     weights: str = Field(
         "weights.safetensors", description="a path inside the model folder (relative, no '..')"
@@ -168,7 +168,7 @@ class ArchitectureSpec(_Strict):
     @model_validator(mode="after")
     def _format_fields(self) -> ArchitectureSpec:
         if self.format == "builtin" and self.architecture is None:
-            raise ValueError("format 'builtin' needs 'architecture' (mlp or cnn)")
+            raise ValueError("format 'builtin' needs 'architecture' (mlp, cnn or fcn)")
         if self.format == "entrypoint" and self.entrypoint is None:
             raise ValueError("format 'entrypoint' needs 'entrypoint' = 'package.module:factory'")
         return self

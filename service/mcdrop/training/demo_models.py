@@ -2,7 +2,10 @@
 
 toy-regression: a heteroscedastic MLP on 1-D data with a gap, whose epistemic uncertainty
 grows in the gap and outside the data. digits: a CNN (dropout, batchnorm) on scikit-learn's
-bundled 8x8 digits, uncertain about rotated or noisy digits. Each trains in seconds on a CPU.
+bundled 8x8 digits, uncertain about rotated or noisy digits. segmentation: a tiny fully
+convolutional net labelling every pixel of generated 32x32 images of squares and discs,
+uncertain where an image is noisier than anything it was trained on. Each trains in seconds
+on a CPU.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +29,23 @@ from torch import Tensor, nn
 from mcdrop.config import Settings
 from mcdrop.errors import ModelNotFound
 from mcdrop.model import ServedModel
-from mcdrop.repository.architectures import build_cnn
-from mcdrop.repository.manifest import MANIFEST_NAME
-from mcdrop.training.export import write_model_folder
-from mcdrop.training.recipe import ClassifierConfig, TrainConfig, train_classifier, train_regressor
+from mcdrop.repository.architectures import build_cnn, build_fcn
+from mcdrop.repository.loading import load_module, save_weights
+from mcdrop.repository.manifest import MANIFEST_NAME, load_manifest
+from mcdrop.training.export import dumps_toml, write_model_folder
+from mcdrop.training.recipe import (
+    ClassifierConfig,
+    TrainConfig,
+    standardisation,
+    standardise,
+    train_classifier,
+    train_regressor,
+)
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary
 
 TOY = "toy-regression"
 DIGITS = "digits"
+SEGMENTATION = "segmentation"
 TOY_SEGMENTS = ((-4.0, -1.0), (1.0, 4.0))  # training x; no data in the gap (-1, 1)
 TOY_INSIDE = (-3.5, -3.0, -2.5, -2.0, 2.0, 2.5, 3.0, 3.5)
 TOY_GAP = (-0.5, -0.25, 0.0, 0.25, 0.5)
@@ -204,6 +220,174 @@ def write_test_digits(path: Path, per_class: int = TEST_DIGITS_PER_CLASS) -> Pat
     return path
 
 
+# --- segmentation -------------------------------------------------------------------------
+
+SEG_SIZE = 32  # images are [1, SEG_SIZE, SEG_SIZE]
+SEG_CLASSES = ("background", "square", "disc")
+SEG_SHAPE_SIDES = (8, 14)  # square side / disc diameter in pixels, inclusive range
+SEG_INTENSITY = (0.6, 1.0)  # shapes are brighter than the background (mean 0)
+SEG_TRAIN_NOISE = (0.05, 0.15)  # per-image Gaussian pixel noise std seen in training
+SEG_UNSEEN_NOISE = 0.5  # extra noise std never seen in training (see noisy_right_quarter)
+SEG_UNSEEN_FROM = 3 * SEG_SIZE // 4  # first column of the right-hand quarter
+SEG_IMAGES = 512
+SEG_EPOCHS = 12
+SEG_HELD_OUT_SEED = 10_000  # segmentation_data seed of held-out images (training uses `seed`)
+SEGMENTATION_FCN = {
+    "in_channels": 1,
+    "classes": len(SEG_CLASSES),
+    "widths": [8, 16, 32],
+    "dropout": 0.3,
+    "batchnorm": True,
+    "image_size": [SEG_SIZE, SEG_SIZE],
+}
+
+
+def segmentation_data(
+    images: int, seed: int = 0, noise: tuple[float, float] = SEG_TRAIN_NOISE
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw images [N, 1, 32, 32] (float32) of 1-3 squares and discs and labels [N, 32, 32].
+
+    Background pixels are N(0, s^2) noise, shape pixels intensity + N(0, s^2), with s drawn
+    per image from `noise` and the intensity per shape from SEG_INTENSITY. Shapes may
+    overlap (the later one wins) and may lie anywhere in the image. Label k is the index in
+    SEG_CLASSES (0 background, 1 square, 2 disc).
+    """
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:SEG_SIZE, 0:SEG_SIZE] + 0.5  # pixel centres
+    x = np.empty((images, 1, SEG_SIZE, SEG_SIZE), dtype=np.float32)
+    y = np.zeros((images, SEG_SIZE, SEG_SIZE), dtype=np.int64)
+    for i in range(images):
+        std = rng.uniform(*noise)
+        image = np.zeros((SEG_SIZE, SEG_SIZE))
+        for _ in range(int(rng.integers(1, 4))):
+            kind = int(rng.integers(1, len(SEG_CLASSES)))
+            r = int(rng.integers(SEG_SHAPE_SIDES[0], SEG_SHAPE_SIDES[1] + 1)) / 2
+            cx, cy = rng.uniform(r, SEG_SIZE - r, size=2)
+            if SEG_CLASSES[kind] == "square":
+                inside = (np.abs(cols - cx) <= r) & (np.abs(rows - cy) <= r)
+            else:
+                inside = (cols - cx) ** 2 + (rows - cy) ** 2 <= r * r
+            image[inside] = rng.uniform(*SEG_INTENSITY)
+            y[i][inside] = kind
+        x[i, 0] = image + rng.normal(0.0, std, image.shape)
+    return x, y
+
+
+def noisy_right_quarter(
+    images: Tensor | np.ndarray, std: float = SEG_UNSEEN_NOISE, seed: int = 0
+) -> Tensor:
+    """Raw images [N, 1, H, W] with seeded N(0, std^2) noise added to their right-hand quarter.
+
+    The segmentation model never saw noise this strong: the input it has no data for, where
+    its per-pixel mutual information should be higher. (A fully convolutional net is
+    translation-equivariant, so a place it saw no shapes in would not look new to it.)
+    """
+    x = torch.as_tensor(images, dtype=torch.float32).clone()
+    gen = torch.Generator().manual_seed(seed)
+    right = x[..., SEG_UNSEEN_FROM:]
+    x[..., SEG_UNSEEN_FROM:] = right + std * torch.randn(right.shape, generator=gen)
+    return x
+
+
+def _train_segmenter(
+    x: Tensor, y: Tensor, *, epochs: int, seed: int
+) -> tuple[nn.Module, Tensor, Tensor]:
+    """Per-pixel cross-entropy + 1e-4 ||W||^2, Adam, batches of 8, on x [N, 1, H, W] raw pixels.
+
+    Returns the network (eval mode) and the per-channel mean and std [1] it standardises by.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        mean, std = standardisation(x.double(), dim=(0, 2, 3))
+        x_norm = standardise(x.double(), mean, std).float()
+        module = build_fcn(**SEGMENTATION_FCN)  # type: ignore[arg-type]
+        weights = [p for p in module.parameters() if p.dim() >= 2]
+        optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+        module.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(x_norm), generator=generator)
+            for start in range(0, len(order), 8):
+                batch = order[start : start + 8]
+                loss = F.cross_entropy(module(x_norm[batch]), y[batch])
+                loss = loss + 1e-4 * torch.stack([w.square().sum() for w in weights]).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+    return module.eval(), mean, std
+
+
+def generate_segmentation(out: Path, *, epochs: int = SEG_EPOCHS, seed: int = 0) -> Path:
+    """Train and write `out/segmentation`; the same seed gives the same bytes.
+
+    The manifest declares per-pixel outputs: [output] shape [3, 32, 32] with the classes on
+    axis 0 (class_axis), so the engine averages one softmax per pixel.
+    """
+    x, y = segmentation_data(SEG_IMAGES, seed=seed)
+    with single_thread():
+        module, mean, std = _train_segmenter(
+            torch.from_numpy(x), torch.from_numpy(y), epochs=epochs, seed=seed
+        )
+    lo, hi = SEG_TRAIN_NOISE
+    document = {
+        "name": SEGMENTATION,
+        "version": "1",
+        "task": "classification",
+        "description": (
+            f"Tiny fully convolutional segmenter (batchnorm, channel dropout in the bottleneck) "
+            f"on generated {SEG_SIZE}x{SEG_SIZE} one-channel images of 1-3 bright squares and "
+            f"discs (intensity {SEG_INTENSITY[0]}..{SEG_INTENSITY[1]}) on a dark background. "
+            f"Input: raw pixels, shape [1, {SEG_SIZE}, {SEG_SIZE}]. Output: per-pixel logits "
+            f"[{len(SEG_CLASSES)}, {SEG_SIZE}, {SEG_SIZE}] for {', '.join(SEG_CLASSES)} "
+            f"(classes on axis 0). Trained only on pixel noise of std {lo}..{hi}: where an "
+            f"image is much noisier (e.g. std {SEG_UNSEEN_NOISE} added to its right quarter) "
+            f"the per-pixel mutual information is higher. "
+            f"Regenerate: python -m mcdrop.training.demo_models --only {SEGMENTATION}."
+        ),
+        "input": {"shape": [1, SEG_SIZE, SEG_SIZE], "dtype": "float32"},
+        "output": {
+            "names": list(SEG_CLASSES),
+            "shape": [len(SEG_CLASSES), SEG_SIZE, SEG_SIZE],
+            "class_axis": 0,
+        },
+        "model": {
+            "format": "builtin",
+            "architecture": "fcn",
+            "weights": "weights.safetensors",
+            "config": SEGMENTATION_FCN,
+        },
+        "normalization": {"input_mean": mean.tolist(), "input_std": std.tolist()},
+        "mc": {"default_samples": 100},
+    }
+    return _write_folder(out / SEGMENTATION, document, module)
+
+
+def _write_folder(folder: Path, document: Mapping[str, Any], module: nn.Module) -> Path:
+    """Write model.toml + weights.safetensors, staged and read back through the server's loader.
+
+    As training.export.write_model_folder does (which writes only vector outputs): the files
+    replace the folder's only once the manifest validates and the weights round-trip bit for
+    bit, so a folder that would not serve is never left.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_weights(module, staging / "weights.safetensors")
+        (staging / MANIFEST_NAME).write_text(dumps_toml(document), encoding="utf-8")
+        rebuilt = load_module(load_manifest(staging / MANIFEST_NAME), staging)
+        expected = module.state_dict()
+        for key, value in rebuilt.state_dict().items():
+            if not torch.equal(value, expected[key]):
+                raise ValueError(f"{folder}: weights {key!r} did not round-trip through the folder")
+        folder.mkdir(exist_ok=True)
+        for name in ("weights.safetensors", MANIFEST_NAME):
+            (staging / name).chmod(0o644)  # safetensors writes 0600; servers must read it
+            os.replace(staging / name, folder / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 # --- the demo (`mcdrop demo`, `make serve`) --------------------------------------------------
 
 
@@ -297,6 +481,7 @@ def _columns(rows: list[list[str]]) -> list[str]:
 GENERATORS: dict[str, Callable[[Path], Path]] = {
     TOY: generate_toy_regression,
     DIGITS: generate_digits,
+    SEGMENTATION: generate_segmentation,
 }
 
 
