@@ -7,27 +7,34 @@ reproducible, so the page's request sent again must give the page's answer.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterator
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from browser_helpers import NARROW, WIDE, ApiCall, Dashboard, browser_problem, launch
+from browser_helpers import NARROW, WIDE, ApiCall, Dashboard, browser_problem, launch, png
 
 PROBLEM = browser_problem()
 if PROBLEM is not None:
     pytest.skip(f"browser tests skipped: {PROBLEM}", allow_module_level=True)
 
-from conftest import write_mlp_model  # noqa: E402
+import torch  # noqa: E402
+from conftest import toml_table, write_mlp_model  # noqa: E402
 from http_helpers import ServerProcess, copy_shipped, start_server  # noqa: E402
-from playwright.sync_api import Browser, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, FilePayload, sync_playwright  # noqa: E402
+
+from mcdrop.repository.loading import save_weights  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-VIEWS = ("#view-regression-1d", "#view-regression", "#view-classification")
+VIEWS = ("#view-regression-1d", "#view-regression", "#view-classification",
+         "#view-classifier-features", "#view-classifier-image", "#view-segmentation")  # fmt: skip
+MEASURE_KEYS = ("entropy", "mutual_information", "variation_ratio", "expected_entropy")
 SWEEP_ANGLES = list(range(-90, 91, 15))
 FEATURES = [0.5, -1.25, 2.0]  # typed into the "tabular" model's #feature-form
 SUMMARY = re.compile(
@@ -35,16 +42,128 @@ SUMMARY = re.compile(
 )
 
 
+# Small entrypoint models whose views are picked from their metadata (not their names).
+VIEW_MODELS = '''
+import torch
+from torch import nn
+
+
+class Segmenter(nn.Module):
+    """Grey images [B, 1, 32, 32] -> per-pixel logits [B, 3, 32, 32] (classes first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.drop = nn.Dropout2d(0.3)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.conv(x))))
+
+
+class Pictures(nn.Module):
+    """RGB images [B, 3, 32, 32] -> 4 class logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.conv(x)).mean(dim=(2, 3))))
+
+
+class Tabular(nn.Module):
+    """4 features -> 3 class logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 16)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.fc(x))))
+
+
+class Tagger(nn.Module):
+    """Tokens [B, 5, 4] -> tag logits [B, 5, 3]: a map the dashboard has no view for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(x))
+
+
+def segmenter() -> nn.Module:
+    return Segmenter()
+
+
+def pictures() -> nn.Module:
+    return Pictures()
+
+
+def tabular() -> nn.Module:
+    return Tabular()
+
+
+def tagger() -> nn.Module:
+    return Tagger()
+'''
+
+IRIS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+VIEW_SPECS: dict[str, dict[str, Any]] = {
+    "shapes-seg": {"factory": "segmenter", "input": {"shape": [1, 32, 32]},
+                   "output": {"names": ["background", "square", "disc"], "shape": [3, 32, 32],
+                              "class_axis": 0}},
+    "pictures": {"factory": "pictures", "input": {"shape": [3, 32, 32]},
+                 "output": {"names": ["cat", "dog", "ship", "truck"]},
+                 "description": "RGB photos, pixel values 0..255, shape [3, 32, 32]."},
+    "iris": {"factory": "tabular", "input": {"shape": [4], "names": IRIS},
+             "output": {"names": ["setosa", "versicolor", "virginica"]}},
+    "tagger": {"factory": "tagger", "input": {"shape": [5, 4]},
+               "output": {"names": ["O", "PER", "LOC"], "shape": [5, 3], "class_axis": 1}},
+}  # fmt: skip
+
+
+def write_view_models(repository: Path) -> None:
+    """Entrypoint classifiers (seeded weights, safetensors, model.toml) into `repository`."""
+    factories: dict[str, Any] = {}
+    exec(VIEW_MODELS, factories)  # the same classes the server imports from the folder
+    for name, spec in VIEW_SPECS.items():
+        folder = repository / name
+        folder.mkdir(parents=True)
+        (folder / "view_models.py").write_text(VIEW_MODELS, encoding="utf-8")
+        torch.manual_seed(len(name))
+        save_weights(factories[spec["factory"]](), folder / "weights.safetensors")
+        head = f'name = "{name}"\ntask = "classification"\n'
+        if "description" in spec:
+            head += f"description = {json.dumps(spec['description'])}\n"
+        manifest = head + "\n" + "\n".join([
+            toml_table("input", spec["input"]), toml_table("output", spec["output"]),
+            toml_table("model", {"format": "entrypoint",
+                                 "entrypoint": f"view_models:{spec['factory']}"}),
+            toml_table("mc", {"default_samples": 16, "max_samples": 256}),
+        ])  # fmt: skip
+        (folder / "model.toml").write_text(manifest, encoding="utf-8")
+
+
 # -- fixtures ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """uvicorn over copies of the shipped models plus "tabular" (3 inputs, regression), on CPU."""
+    """uvicorn over copies of the shipped digits and toy-regression, "tabular" (3 inputs,
+    regression) and the VIEW_SPECS classifiers, on CPU."""
     root = tmp_path_factory.mktemp("dashboard")
     repository = copy_shipped(root / "models", "digits", "toy-regression")
     write_mlp_model(repository / "tabular", in_features=len(FEATURES), outputs=("price",),
                     tau=4.0, hidden=(16,), dropout=0.2)  # fmt: skip
+    write_view_models(repository)
     process = start_server(repository, root / "server.log")
     try:
         yield process
@@ -151,6 +270,79 @@ def flat(rows: Any) -> list[float]:
     for value in rows:
         out.extend(flat(value) if isinstance(value, list) else [float(value)])
     return out
+
+
+def fixed(value: float, digits: int = 3) -> str:
+    """value.toFixed(digits) as the page's JS writes it: exact value, ties away from zero."""
+    return str(Decimal(value).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def shape_of(value: Any) -> list[int]:
+    """The shape of a nested list (of a rectangular array)."""
+    return [len(value), *shape_of(value[0])] if isinstance(value, list) else []
+
+
+def assert_classes_shown(dash: Dashboard, prefix: str, call: ApiCall) -> None:
+    """#{prefix}-bars, -measures and -predicted show the call's single row (3 decimals)."""
+    row = call.response["predictions"][0]
+    labels = dash.page.eval_on_selector_all(
+        f"#{prefix}-bars .prob-row", "rs => rs.map(r => r.dataset.class)"
+    )
+    assert labels == list(row["probabilities"]), labels
+    for label, p in row["probabilities"].items():
+        shown = dash.text(f'#{prefix}-bars .prob-row[data-class="{label}"] .prob-value')
+        assert shown == f"{fixed(p)} ± {fixed(row['probabilities_std'][label])}", (label, shown)
+    for key in MEASURE_KEYS:
+        shown = dash.text(f'#{prefix}-measures [data-measure="{key}"]')
+        assert shown == fixed(row[key]), (key, shown, row[key])
+    notes = dash.page.eval_on_selector_all(
+        f"#{prefix}-measures .why", "ds => ds.map(d => d.textContent)"
+    )
+    assert len(notes) == len(MEASURE_KEYS), notes
+    assert all(notes), notes
+    predicted = row["predicted"]
+    assert (
+        dash.text(f"#{prefix}-predicted")
+        == f"{predicted} (p = {fixed(row['probabilities'][predicted])})"
+    )
+
+
+def pixel(dash: Dashboard, selector: str, i: int, j: int) -> list[int]:
+    """[r, g, b] of the pixel at (row i, column j) of a canvas."""
+    rgb: list[int] = dash.page.evaluate(
+        """([sel, i, j]) => [...document.querySelector(sel).getContext('2d')
+                .getImageData(j, i, 1, 1).data.slice(0, 3)]""",
+        [selector, i, j],
+    )
+    return rgb
+
+
+def shown_classes(dash: Dashboard) -> list[list[int]]:
+    """#seg-mask read back through #seg-legend's colours: the class index per pixel (-1: none)."""
+    classes: list[list[int]] = dash.page.evaluate(
+        """() => {
+            const probe = document.createElement('canvas').getContext('2d');
+            const colors = [...document.querySelectorAll('#seg-legend [data-class]')].map((s) => {
+                probe.fillStyle = s.dataset.color;
+                probe.fillRect(0, 0, 1, 1);
+                return [...probe.getImageData(0, 0, 1, 1).data.slice(0, 3)].join();
+            });
+            const c = document.getElementById('seg-mask');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const at = (i, j) => [...d.slice(4 * (i * c.width + j), 4 * (i * c.width + j) + 3)];
+            return Array.from({ length: c.height }, (_, i) =>
+                Array.from({ length: c.width }, (_, j) => colors.indexOf(at(i, j).join())));
+        }"""
+    )
+    return classes
+
+
+def upload(dash: Dashboard, selector: str, name: str, content: bytes) -> list[ApiCall]:
+    """Choose an image file in a file input; the predict calls that follow."""
+    since = dash.count()
+    payload: FilePayload = {"name": name, "mimeType": "image/png", "buffer": content}
+    dash.page.set_input_files(selector, files=[payload])
+    return dash.wait_predictions(since)
 
 
 def draw(dash: Dashboard, strokes: list[list[tuple[float, float]]]) -> None:
@@ -392,7 +584,8 @@ def test_live_view_and_calibration(
     dash.settle()
     assert dash.ink("#live-chart") > 0
 
-    if api.get("/v1/models/digits/calibration").status_code == 404:
+    before = api.get("/v1/models/digits/calibration")  # 404, or 200 with a null report
+    if before.status_code == 404 or before.json()["report"] is None:
         assert dash.visible("#calibration-empty")
         assert dash.ink("#calibration-chart") == 0
     labels = [d["label"] for d in test_digits[:8]]
@@ -410,10 +603,203 @@ def test_live_view_and_calibration(
 @pytest.mark.parametrize("viewport", [WIDE, NARROW], ids=["1280x800", "400x800"])
 def test_layout_fits_the_screen(dash: Dashboard, viewport: dict[str, int], shots: Path) -> None:
     dash.page.set_viewport_size(viewport)  # type: ignore[arg-type]
-    for model in ("toy-regression", "tabular", "digits"):
+    for model in ("toy-regression", "tabular", "digits", "iris", "pictures", "shapes-seg"):
         dash.pick_model(model)
         scroll, inner = dash.overflow()
         assert scroll <= inner, f"{model} at {viewport}: page {scroll} px wide in {inner} px"
     if viewport == NARROW:
         dash.screenshot(shots, "narrow")
+    assert not dash.errors, "\n".join(dash.errors)
+
+
+def test_feature_classifier_view_matches_api(
+    dash: Dashboard, api: httpx.Client, shots: Path
+) -> None:
+    calls = dash.pick_model("iris")
+    only_view(dash, "#view-classifier-features")
+    assert calls[-1].status == 200, calls[-1].response
+    labels = dash.page.eval_on_selector_all("#cf-form label", "ls => ls.map(l => l.textContent)")
+    assert labels == IRIS, labels
+    values = [5.1, 3.5, -1.4, 0.25]
+    for i, value in enumerate(values):
+        dash.set_value(f'#cf-form input[name="feature-{i}"]', str(value))
+    since = dash.count()
+    dash.page.click("#cf-predict")
+    (call,) = dash.wait_predictions(since)
+    assert call.path == "/v1/models/iris/predict", call.path
+    assert call.request["rows"] == [values], call.request
+    assert call.request["seed"] == 0
+    assert_replays(api, [call])
+    assert_classes_shown(dash, "cf", call)
+    assert not dash.visible("#error")
+    dash.screenshot(shots, "classifier-features")
+
+    # a new seed: a new request, and the page shows its answer
+    since = dash.count()
+    dash.set_value("#seed", "4")
+    reseeded = dash.wait_predictions(since)[-1]
+    assert reseeded.request["seed"] == 4
+    assert reseeded.request["rows"] == [values]
+    assert_classes_shown(dash, "cf", reseeded)
+
+    # an empty field: an error in the page, nothing sent
+    dash.set_value('#cf-form input[name="feature-2"]', "")
+    since = dash.count()
+    dash.page.click("#cf-predict")
+    dash.settle()
+    assert dash.predictions(since) == []
+    assert dash.visible("#error")
+    assert "petal_length" in dash.text("#error")
+    assert not dash.errors, "\n".join(dash.errors)
+
+
+def test_rgb_classifier_gets_its_shape_and_range(
+    dash: Dashboard, api: httpx.Client, shots: Path
+) -> None:
+    calls = dash.pick_model("pictures")
+    only_view(dash, "#view-classifier-image")
+    first = calls[-1]
+    assert first.status == 200, first.response  # not the 400 of a one-channel image
+    assert shape_of(first.request["rows"]) == [1, 3, 32, 32]
+    assert_replays(api, [first])
+    assert_classes_shown(dash, "ic", first)
+    note = dash.text("#ic-note")
+    assert "0..255" in note, note  # the range the model's description names
+    assert "description" in note, note
+    assert dash.ink("#view-classifier-image .image-input") > 0  # the input drawn
+
+    since = dash.count()
+    dash.page.click("#ic-noise")
+    (noise,) = dash.wait_predictions(since)
+    values = flat(noise.request["rows"])
+    assert shape_of(noise.request["rows"]) == [1, 3, 32, 32]
+    assert all(0 <= v <= 255 for v in values)
+    assert max(values) - min(values) > 100, (min(values), max(values))
+    assert_replays(api, [noise])
+    assert_classes_shown(dash, "ic", noise)
+
+    # a red 40 x 20 file: stretched to 32 x 32, channel 0 full, 1 and 2 empty, in 0..255
+    (red,) = upload(dash, "#ic-file", "red.png", png(40, 20, lambda i, j: (255, 0, 0)))
+    channels = red.request["rows"][0]
+    assert shape_of(channels) == [3, 32, 32]
+    assert set(flat(channels[0])) == {255.0}
+    assert set(flat(channels[1]) + flat(channels[2])) == {0.0}
+    assert_replays(api, [red])
+    assert_classes_shown(dash, "ic", red)
+    assert pixel(dash, "#ic-canvas", 5, 7) == [255, 0, 0]
+    assert not dash.visible("#error")
+    dash.screenshot(shots, "classifier-image")
+    assert not dash.errors, "\n".join(dash.errors)
+
+
+def test_segmentation_view_matches_api(dash: Dashboard, api: httpx.Client, shots: Path) -> None:
+    calls = dash.pick_model("shapes-seg")
+    only_view(dash, "#view-segmentation")
+    call = calls[-1]
+    assert call.status == 200, call.response
+    assert shape_of(call.request["rows"]) == [1, 1, 32, 32]
+    assert "0..1" in dash.text("#seg-note")
+    assert_replays(api, [call])
+    row = call.response["predictions"][0]
+
+    # the mask: one colour per class, as the legend says, pixel for pixel
+    legend = dash.page.eval_on_selector_all(
+        "#seg-legend [data-class]", "s => s.map(x => x.textContent)"
+    )
+    assert legend == row["classes"] == ["background", "square", "disc"]
+    assert shown_classes(dash) == row["predicted_class"]
+
+    # the maps: their min / max stated, darkest at the minimum and brightest at the maximum
+    for key, canvas in (("entropy", "#seg-entropy"), ("mutual_information", "#seg-mi")):
+        values = [(v, i, j) for i, line in enumerate(row[key]) for j, v in enumerate(line)]
+        low, high = min(values), max(values)
+        assert dash.text(f"{canvas}-range") == f"min {fixed(low[0])} · max {fixed(high[0])} nats"
+        if high[0] > low[0]:
+            assert pixel(dash, canvas, low[1], low[2]) == [68, 1, 84]  # viridis' dark end
+            assert pixel(dash, canvas, high[1], high[2]) == [253, 231, 37]  # its bright end
+
+    # map means and the per-class table
+    for key in MEASURE_KEYS:
+        assert dash.text(f'#seg-means [data-measure="{key}"]') == fixed(row["map_mean"][key])
+    regions = row["by_predicted_class"]
+    assert sum(r["elements"] for r in regions.values()) == 32 * 32
+    for label, region in regions.items():
+        cell = f'#seg-classes tr[data-class="{label}"] td'
+        assert dash.text(f'{cell}[data-key="elements"]') == str(region["elements"])
+        for key in MEASURE_KEYS:
+            want = "–" if region[key] is None else fixed(region[key])
+            assert dash.text(f'{cell}[data-key="{key}"]') == want, (label, key)
+    dash.screenshot(shots, "segmentation")
+
+    # strong noise on the right quarter: the same shapes, the right quarter changed the most
+    since = dash.count()
+    dash.page.check("#seg-hard")
+    (hard,) = dash.wait_predictions(since)
+    before, after = call.request["rows"][0][0], hard.request["rows"][0][0]
+
+    def spread(columns: range) -> float:
+        diff = [after[i][j] - before[i][j] for i in range(32) for j in columns]
+        return math.sqrt(sum(d * d for d in diff) / len(diff))
+
+    assert spread(range(24, 32)) > 2 * spread(range(24)), (spread(range(24, 32)), spread(range(24)))
+    assert_replays(api, [hard])
+    means = hard.response["predictions"][0]["map_mean"]
+    assert dash.text('#seg-means [data-measure="mutual_information"]') == fixed(
+        means["mutual_information"]
+    )
+
+    # a green file, one channel: grey = 0.587 G, in 0..1
+    (green,) = upload(dash, "#seg-file", "green.png", png(64, 64, lambda i, j: (0, 255, 0)))
+    grey = flat(green.request["rows"])
+    assert len(grey) == 32 * 32
+    assert all(abs(v - 0.587) < 1e-6 for v in grey), sorted(set(grey))[:5]
+    assert_replays(api, [green])
+    assert shown_classes(dash) == green.response["predictions"][0]["predicted_class"]
+    assert "green.png" in dash.text("#seg-source")
+    assert not dash.visible("#error")
+    assert not dash.errors, "\n".join(dash.errors)
+
+
+def test_a_map_without_a_view_says_so(dash: Dashboard) -> None:
+    since = dash.count()
+    dash.page.select_option("#model-select", "tagger")
+    dash.settle()
+    assert dash.predictions(since) == []
+    for view in VIEWS:
+        assert not dash.visible(view), view
+    assert dash.visible("#error")
+    message = dash.text("#error")
+    for part in ("tagger", "[5, 3]", "use the API"):
+        assert part in message, message
+    assert not dash.errors, "\n".join(dash.errors)
+
+
+def test_live_view_treats_a_null_calibration_as_none_yet(
+    dash: Dashboard, api: httpx.Client
+) -> None:
+    dash.pick_model("iris")
+    report = api.post("/v1/models/iris/evaluate", json={
+        "rows": [[5.0, 3.0, 1.5, 0.2], [6.0, 2.8, 4.5, 1.3], [6.5, 3.0, 5.5, 2.0]],
+        "targets": [0, 1, 2], "samples": 16, "seed": 0})  # fmt: skip
+    assert report.status_code == 200, report.text
+    dash.page.locator("#calibration-chart").wait_for(state="visible", timeout=8_000)
+    assert not dash.visible("#calibration-empty")
+
+    # the new contract for "no evaluation yet": 200 with a null time and report
+    served: list[str] = []
+
+    def none_yet(route: Any) -> None:
+        served.append(route.request.url)
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"model": "iris", "time": None, "report": None}))  # fmt: skip
+
+    dash.page.route("**/v1/models/iris/calibration", none_yet)
+    dash.page.locator("#calibration-empty").wait_for(state="visible", timeout=8_000)
+    assert served
+    assert not dash.visible("#calibration-chart")
+    assert dash.text("#calibration-summary") == ""
+    dash.page.unroute("**/v1/models/iris/calibration")
+    dash.page.locator("#calibration-chart").wait_for(state="visible", timeout=8_000)
+    assert not dash.visible("#calibration-empty")
+    assert not dash.visible("#error")
     assert not dash.errors, "\n".join(dash.errors)

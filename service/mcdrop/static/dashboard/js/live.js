@@ -25,7 +25,11 @@ export function setupLive() {
     } catch { /* shown in #error */ }
     try {
       const cal = await api("GET", `${base}/calibration`, undefined, { background: true, quiet404: true });
-      if (m === model && cal.time !== calibrationTime) {
+      if (m !== model) return;
+      // {"time": null, "report": null}: no evaluation yet (older servers answer 404 instead)
+      if (!cal || cal.time === null || cal.time === undefined || !cal.report) {
+        if (calibrationTime !== null) showNoCalibration();
+      } else if (cal.time !== calibrationTime) {
         calibrationTime = cal.time;
         drawCalibration(cal);
       }
