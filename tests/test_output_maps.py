@@ -8,6 +8,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from mcdrop.engine.accumulators import (
+    KEPT_ELEMENTS,
+    QUANTILE_SAMPLES,
+    quantile_samples,
+)
 from mcdrop.engine.core import MCEngine, MCOptions
 from mcdrop.engine.masks import keep_mask, quantized_drop_probability
 from mcdrop.uncertainty import ClassificationSummary, RegressionSummary, entropy
@@ -144,3 +149,32 @@ def test_a_regression_map_is_summarised_per_pixel_in_its_own_shape() -> None:
     tol = 4 * (2 / 2999 + kappa / 3000).sqrt()  # 4 sigma of one 3000-sample variance
     ratio = out.epistemic_variance.double() / var
     assert bool(((ratio - 1).abs() <= tol).all()), (ratio, tol)
+
+
+def test_kept_samples_are_capped_per_row_so_a_large_map_keeps_none() -> None:
+    """Empirical intervals keep samples x elements per row: capped at KEPT_ELEMENTS, and a map
+    that cannot keep MIN_EMPIRICAL_SAMPLES of them gets Gaussian intervals only."""
+    assert quantile_samples(1) == QUANTILE_SAMPLES
+    assert quantile_samples(4 * 4) == QUANTILE_SAMPLES
+    assert quantile_samples(KEPT_ELEMENTS // 300) == 300
+    assert quantile_samples(256 * 256) == 0
+    engine = MCEngine(DepthMapBig(), task="regression", input_shape=(1, 256, 256))
+    out = engine.run(torch.ones(1, 1, 256, 256), MCOptions(samples=1000, seed=0))
+    assert isinstance(out, RegressionSummary)
+    assert out.mean.shape == (1, 1, 256, 256)
+    assert out.gaussian_intervals[0.95].lower.shape == (1, 1, 256, 256)
+    assert out.empirical_intervals == {}
+    assert out.samples is None
+
+
+class DepthMapBig(nn.Module):
+    """[B, 1, 256, 256] -> Dropout2d over 4 channels -> a map [B, 1, 256, 256]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = nn.Conv2d(1, 4, 1)
+        self.drop = nn.Dropout2d(0.3)
+        self.out = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.drop(self.lift(x)))  # type: ignore[no-any-return]
