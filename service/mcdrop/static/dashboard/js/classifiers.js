@@ -2,6 +2,7 @@
 // and channels (file, noise, example); both show probability bars and the uncertainty measures.
 import { api, debounce, latest } from "./api.js";
 import { fmt } from "./charts.js";
+import { featureForm } from "./forms.js";
 import { ImageInput } from "./images.js";
 
 const $ = (id) => document.getElementById(id);
@@ -109,21 +110,8 @@ export function setupFeatureClassifier(ctx) {
     show(m) {
       model = m;
       clearPrediction("cf");
-      const n = m.input_shape[0];
-      const names = m.input_names && m.input_names.length === n ? m.input_names : null;
       const form = $("cf-form");
-      form.textContent = "";
-      for (let i = 0; i < n; i++) {
-        const label = document.createElement("label");
-        const input = document.createElement("input");
-        input.type = "number";
-        input.step = "any";
-        input.name = `feature-${i}`;
-        input.value = "0";
-        input.dataset.label = names ? names[i] : `x${i}`;
-        label.append(document.createTextNode(input.dataset.label), input);
-        form.append(label);
-      }
+      featureForm(form, m, "x");
       const submit = document.createElement("button");
       submit.type = "submit";
       submit.hidden = true; // Enter in a field predicts

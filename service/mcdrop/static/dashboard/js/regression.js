@@ -1,6 +1,7 @@
 // Regression views: the 1-D curve with bands and function draws, and the many-input form.
 import { api, debounce, latest } from "./api.js";
 import { COLORS, axis, chart, clearChart, fmt, legend, normalQuantile, refLine, shadeX } from "./charts.js";
+import { featureForm } from "./forms.js";
 
 const GRID_POINTS = 181;
 const DRAWS = 5;
@@ -144,21 +145,7 @@ export function setupMany(ctx) {
     show(m) {
       model = m;
       last = null;
-      const n = m.input_shape.reduce((a, b) => a * b, 1);
-      const names = m.input_names && m.input_names.length === n ? m.input_names : null;
-      const form = $("feature-form");
-      form.textContent = "";
-      for (let i = 0; i < n; i++) {
-        const label = document.createElement("label");
-        const input = document.createElement("input");
-        input.type = "number";
-        input.step = "any";
-        input.name = `feature-${i}`;
-        input.value = "0";
-        input.dataset.label = names ? names[i] : `feature ${i}`;
-        label.append(document.createTextNode(input.dataset.label), input);
-        form.append(label);
-      }
+      featureForm($("feature-form"), m, "feature ");
       const sel = $("output-select");
       sel.textContent = "";
       for (const o of m.outputs || []) sel.append(new Option(o, o));
