@@ -185,3 +185,22 @@ async def test_native_api_returns_nested_maps_with_their_reductions(repo: Path) 
             assert regions[label]["entropy"] == pytest.approx(float(inside.mean()))
         else:
             assert regions[label]["entropy"] is None
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+async def test_native_rows_of_every_map_kind_are_nested_in_its_shape(repo: Path, name: str) -> None:
+    rows = _rows(name)
+    async with serve(settings_for(repo)) as (_, client):
+        response = await client.post(
+            f"/v1/models/{name}/predict", json={"rows": rows.tolist(), "samples": 32, "seed": 9}
+        )
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    want = _library(repo, name, rows, seed=9)
+    vector, per_element = EXPECTED_SHAPES[name]
+    field, measure = (("probabilities", "mutual_information")
+                      if SPECS[name]["task"] == "classification" else ("mean", "std"))  # fmt: skip
+    for r, row in enumerate(predictions):
+        assert np.asarray(row[field]).shape == vector
+        assert np.array_equal(np.asarray(row[field]), want[field][r])
+        assert np.asarray(row[measure]).shape == per_element
