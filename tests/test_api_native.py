@@ -25,6 +25,7 @@ from http_helpers import (
 )
 
 from mcdrop.engine.accumulators import MAX_VARIANCE
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.errors import NonFiniteOutput
 from mcdrop.evaluation import evaluate
 from mcdrop.model import ServedModel
@@ -508,3 +509,13 @@ async def test_a_non_finite_answer_fails_only_its_own_job_in_a_batch(
     assert [answers[0].status_code, answers[2].status_code] == [200, 200]
     assert answers[2].json()["predictions"] == library_rows(tmp_path, "huge", [[1.0], [2.0]],
                                                             seed=3)  # fmt: skip
+
+
+async def test_a_seeded_answer_records_the_mask_stream_that_reproduces_it(repo: Path) -> None:
+    async with serve(settings_for(repo)) as (_, client):
+        models = {m["name"]: m for m in (await client.get("/v1/models")).json()}
+        native = (await client.post(PREDICT, json={"rows": ROWS, "seed": 4})).json()
+        meta = (await client.get("/v2/models/mlp")).json()
+    assert models["mlp"]["mask_stream"] == MASK_STREAM
+    assert native["mask_stream"] == MASK_STREAM
+    assert meta["parameters"]["mask_stream"] == MASK_STREAM

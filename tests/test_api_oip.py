@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from test_api_native import FAR, strict_json, write_overflowing_mlp
 
 from mcdrop.api.outputs import summary_outputs
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.model import ServedModel
 
 pytestmark = pytest.mark.anyio
@@ -115,7 +116,7 @@ async def test_infer_json_flat_nested_and_versioned_equal_the_library(repo: Path
     doc = flat.json()
     assert doc["model_name"] == "mlp"
     assert doc["model_version"] == "1"
-    assert doc["parameters"] == {"mc_samples": 32, "seed": 11}
+    assert doc["parameters"] == {"mc_samples": 32, "seed": 11, "mask_stream": MASK_STREAM}
     assert nested.json() == doc
     assert versioned.json() == doc
     want = library(repo, "mlp", ROWS, samples=32, seed=11)

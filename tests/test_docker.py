@@ -45,6 +45,7 @@ from http_helpers import SHIPPED, SlowModel, free_port, oip_body, write_slow_mod
 
 from mcdrop.api.outputs import summary_outputs
 from mcdrop.config import Settings
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.model import ServedModel
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -248,7 +249,8 @@ def test_inference_with_tritonclient_equals_the_library(shipped: Container) -> N
             model = ServedModel.load(SHIPPED / name, Settings(model_repository=SHIPPED))
             want = summary_outputs(model.predict(torch.from_numpy(rows).double(),
                                                  model.options(64, seed=7)))  # fmt: skip
-            assert result.get_response()["parameters"] == {"mc_samples": 64, "seed": 7}
+            assert result.get_response()["parameters"] == {
+                "mc_samples": 64, "seed": 7, "mask_stream": MASK_STREAM}  # fmt: skip
             for output, array in want.items():
                 got = result.as_numpy(output)
                 assert got is not None, f"{name}: no output {output}"

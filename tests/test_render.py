@@ -10,6 +10,7 @@ import torch
 from conftest import write_mlp_model
 
 from mcdrop.config import Settings
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.model import ServedModel
 from mcdrop.render import (
     format_summary,
@@ -113,9 +114,9 @@ def test_classification_rows_use_the_class_labels(classifier: ServedModel) -> No
 
 def test_meta_and_document(classifier: ServedModel) -> None:
     s = _classification(classifier, keep=0)
-    assert summary_meta(s) == {"samples_used": 40, "seed": 3}
+    assert summary_meta(s) == {"samples_used": 40, "seed": 3, "mask_stream": MASK_STREAM}
     document = summary_document(s, classifier.spec)
-    assert list(document) == ["samples_used", "seed", "rows"]
+    assert list(document) == ["samples_used", "seed", "mask_stream", "rows"]
     assert document["rows"] == summary_rows(s, classifier.spec)
 
 

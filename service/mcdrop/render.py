@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import Tensor
 
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.repository.manifest import ModelSpec
 from mcdrop.uncertainty import RegressionSummary, Summary, is_map, map_reductions
 
@@ -48,8 +49,9 @@ def _floats(t: Tensor) -> list[Any]:
 
 
 def summary_meta(summary: Summary) -> dict[str, Any]:
-    """The request-level facts of a summary: samples_used (after 'auto') and the seed used."""
-    return {"samples_used": summary.samples_used, "seed": summary.seed}
+    """The request-level facts of a summary: samples_used (after 'auto'), the seed used and
+    the mask-stream version, which together reproduce it."""
+    return {"samples_used": summary.samples_used, "seed": summary.seed, "mask_stream": MASK_STREAM}
 
 
 def summary_rows(summary: Summary, spec: ModelSpec) -> list[dict[str, Any]]:

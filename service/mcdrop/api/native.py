@@ -23,6 +23,7 @@ from mcdrop.api.deps import (
     unless_disconnected,
 )
 from mcdrop.api.errors import ERROR_RESPONSES
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.errors import InvalidInput
 from mcdrop.evaluation import evaluate
 from mcdrop.model import ServedModel
@@ -101,6 +102,9 @@ class ModelInfo(BaseModel):
     max_samples: int | None = None
     max_rows: int | None = None
     mask_mode: str | None = None
+    mask_stream: str | None = Field(
+        None, description="the mask-stream version: (seed, mask_stream) reproduces an answer"
+    )
     coverage: dict[str, Any] | None = Field(
         None, description="stochastic ops sampled and not sampled (with why), how it runs"
     )
@@ -201,6 +205,7 @@ def model_info(status: ModelStatus) -> ModelInfo:
         max_samples=spec.mc.max_samples,
         max_rows=spec.mc.max_rows,
         mask_mode=spec.mc.mask_mode,
+        mask_stream=MASK_STREAM,
         coverage=status.coverage,
         error=status.error,
     )

@@ -27,6 +27,7 @@ from mcdrop.api.outputs import (
     summary_outputs,
 )
 from mcdrop.engine.core import MCOptions
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.errors import InvalidInput
 from mcdrop.model import ServedModel
 from mcdrop.uncertainty import Summary
@@ -120,6 +121,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
             "mc_samples": spec.mc.default_samples,
             "max_samples": spec.mc.max_samples,
             "mask_mode": spec.mc.mask_mode,
+            "mask_stream": MASK_STREAM,
             "max_rows": spec.mc.max_rows,
             "coverage": model.engine.coverage(),
         },
@@ -218,7 +220,7 @@ async def infer(name: str, request: Request, version: str | None = None) -> Resp
     chosen, binary = select_outputs(
         summary_outputs(summary), parsed.outputs, name, parsed.binary_output_default
     )
-    params = {"mc_samples": summary.samples_used, "seed": summary.seed}
+    params = {"mc_samples": summary.samples_used, "seed": summary.seed, "mask_stream": MASK_STREAM}
     body, headers = encode_infer_response(
         name, answer.model.spec.version, parsed.id, chosen, params, binary
     )

@@ -377,6 +377,7 @@ def remote_predict(args: argparse.Namespace) -> int:
     document = {"model": answer["model"], "version": answer["version"], "task": info["task"],
                 "mask_mode": args.mask_mode or info["mask_mode"],
                 "samples_used": answer["samples_used"], "seed": answer["seed"],
+                "mask_stream": answer.get("mask_stream"),
                 "rows": answer["predictions"]}  # fmt: skip
     print(json.dumps(document, indent=2) if args.json else format_document(document))
     return 0

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# The version of the mask streams: a seeded answer is reproducible by (seed, this). It names
+# the generator and how its bits become masks and uniforms; any change to the bits bumps it.
+MASK_STREAM = "philox4x64-numpy/1"
 _UINT16_PER_COUNTER = 16  # Philox4x64: one counter step yields 4 x 64 random bits
 _ROW_BITS = 40
 
