@@ -67,6 +67,7 @@ class PredictResponse(BaseModel):
     version: str
     samples_used: int
     seed: int
+    mask_stream: str = Field(description="the mask-stream version that drew the answer")
     predictions: list[dict[str, Any]]
 
 
