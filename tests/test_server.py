@@ -28,6 +28,7 @@ from http_helpers import (
 )
 
 from mcdrop.config import Settings
+from mcdrop.engine.masks import MASK_STREAM
 from mcdrop.server import control_state
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -93,7 +94,8 @@ def test_tritonclient_binary_json_and_native_give_the_same_numbers(server: Serve
     ).json()
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3]}]
     assert binary.get_response()["id"] == "tc-1"
-    assert binary.get_response()["parameters"] == {"mc_samples": 48, "seed": 12}
+    assert binary.get_response()["parameters"] == {
+        "mc_samples": 48, "seed": 12, "mask_stream": MASK_STREAM}  # fmt: skip
     assert "data" not in binary.get_output("mean")  # it really came as binary
     assert "data" in as_json.get_output("mean")
     for name in OUTPUTS:
