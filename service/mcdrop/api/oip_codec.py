@@ -178,38 +178,31 @@ def _from_json(data: Any, datatype: str, shape: list[int], label: str) -> NDArra
         return wide.astype(native)
 
 
-def _bf16(
-    raw: dict[str, Any], tail: memoryview, offset: int, size: Any, shape: list[int], label: str
-) -> tuple[NDArray[Any], int]:
-    """A BF16 input as float32 values (a bfloat16 is a float32's high half, so this is exact):
-    binary data as sent, JSON numbers rounded to the nearest bfloat16 (ties to even)."""
-    count = math.prod(shape)
-    if size is None:
-        if "data" not in raw:
-            raise InvalidInput(f"{label}: data required (or parameters.binary_data_size)")
-        values = _from_json(raw["data"], "FP32", shape, label)
-        bits = values.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return rounded.astype(np.uint32).view(np.float32), offset
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidInput(f"{label}: binary_data_size must be a non-negative integer")
-    if "data" in raw:
-        raise InvalidInput(f"{label}: has both data and binary_data_size; send one")
-    if size != 2 * count:
-        raise InvalidInput(f"{label}: {count} BF16 values need {2 * count} bytes, "
-                           f"binary_data_size is {size}")  # fmt: skip
-    halves = _from_binary(tail, offset, size, "UINT16", count, label)
-    return (halves.astype(np.uint32) << 16).view(np.float32), offset + size
+def _bf16_as_float32(values: NDArray[Any]) -> NDArray[Any]:
+    """BF16 values as float32 (a bfloat16 is a float32's high half, so this is exact): binary
+    halves as sent (uint16), JSON numbers (read as float32) rounded to the nearest bfloat16."""
+    if values.dtype == np.uint16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # to nearest, ties to even
+    return rounded.astype(np.uint32).view(np.float32)
 
 
 def _from_binary(
-    tail: memoryview, offset: int, size: int, datatype: str, count: int, label: str
+    tail: memoryview,
+    offset: int,
+    size: int,
+    datatype: str,
+    count: int,
+    label: str,
+    shown: str | None = None,
 ) -> NDArray[Any]:
-    """`size` bytes at `offset` of the binary tail -> a flat array of `datatype`."""
+    """`size` bytes at `offset` of the binary tail -> a flat array of `datatype` (named
+    `shown` in errors, when it stands in for another, e.g. UINT16 for BF16)."""
     wire = DATATYPES[datatype]
     if size != count * wire.itemsize:
         raise InvalidInput(
-            f"{label}: {count} {datatype} values need {count * wire.itemsize} bytes, "
+            f"{label}: {count} {shown or datatype} values need {count * wire.itemsize} bytes, "
             f"binary_data_size is {size}"
         )
     remain = len(tail) - offset
@@ -259,19 +252,22 @@ def _parse_input(raw: Any, index: int, tail: memoryview, offset: int) -> tuple[I
         raise InvalidInput(f"{label}: shared memory is not supported; send data or binary data")
     count = math.prod(shape)
     size = parameters.get("binary_data_size")
+    read_as = datatype  # BF16 has no numpy dtype: read as float32 (JSON) or its halves
     if datatype == BF16:
-        data, offset = _bf16(raw, tail, offset, size, shape, label)
-    elif size is None:
+        read_as = "FP32" if size is None else "UINT16"
+    if size is None:
         if "data" not in raw:
             raise InvalidInput(f"{label}: data required (or parameters.binary_data_size)")
-        data = _from_json(raw["data"], datatype, shape, label)
+        data = _from_json(raw["data"], read_as, shape, label)
     else:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidInput(f"{label}: binary_data_size must be a non-negative integer")
         if "data" in raw:
             raise InvalidInput(f"{label}: has both data and binary_data_size; send one")
-        data = _from_binary(tail, offset, size, datatype, count, label)
+        data = _from_binary(tail, offset, size, read_as, count, label, shown=datatype)
         offset += size
+    if datatype == BF16:
+        data = _bf16_as_float32(data)
     return InputTensor(name, datatype, shape, data.reshape(shape)), offset
 
 

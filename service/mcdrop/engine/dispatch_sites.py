@@ -29,7 +29,8 @@ class DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Sees every aten dropout call and SDPA with dropout; records them, or applies keyed masks.
 
     site_index maps a call's number within one forward to its site in ctx.sites; calls not in
-    it (and every call while probing, ctx None) are the identity, as in eval.
+    it (and every call without a ctx) are the identity, as in eval. Without a ctx it records
+    what it sees (probing at load) unless `probing` is False (a served forward).
     """
 
     def __init__(
@@ -37,9 +38,11 @@ class DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
         ctx: SamplingContext | None,
         site_index: dict[int, int] | None = None,
         paths: ModulePaths | None = None,
+        probing: bool | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.ctx = ctx
+        self.probing = ctx is None if probing is None else probing
         self.site_index = site_index or {}
         self.paths = paths
         self.seen: list[tuple[SiteKind, float]] = []
@@ -58,17 +61,18 @@ class DropoutCalls(TorchDispatchMode):  # type: ignore[no-untyped-call]
         kwargs = kwargs or {}
         kind, p = _site_of(func, args)
         if kind is None:
-            if self.ctx is None:
-                op = KEYED.get(func) or UNSUPPORTED.get(func)
-                if op is not None:
-                    self.random_ops.append(op)
+            if not self.probing:
+                return func(*args, **kwargs)
+            op = KEYED.get(func) or UNSUPPORTED.get(func)
+            if op is not None:
+                self.random_ops.append(op)
             out = func(*args, **kwargs)
-            if self.ctx is None and isinstance(out, Tensor):
+            if isinstance(out, Tensor):
                 self.largest = max(self.largest, out.numel())
             return out
         call = len(self.seen)
         self.seen.append((kind, p))
-        if self.ctx is None:  # probing
+        if self.probing:
             path = "" if self.paths is None else self.paths.current
             module_call = self.paths is not None and self.paths.current_is_dropout
             self.where.append((path if module_call else f"{path}.{kind}".lstrip("."),
@@ -148,7 +152,7 @@ class DispatchLeaf(nn.Module):
         self.n_calls = n_calls
 
     def forward(self, ctx: SamplingContext | None, *args: Any, **kwargs: Any) -> Any:
-        calls = DropoutCalls(ctx, self.site_index if ctx is not None else None)
+        calls = DropoutCalls(ctx, self.site_index if ctx is not None else None, probing=False)
         with calls:
             out = self.module(*args, **kwargs)
         if len(calls.seen) != self.n_calls:

@@ -44,13 +44,17 @@ class WholeProgram:
     branches: TrainingBranches = field(default_factory=TrainingBranches)  # set by the loader
     rewritten: list[str] = field(default_factory=list)  # recurrent modules unstacked at load
 
+    def __post_init__(self) -> None:
+        # dropout call number -> its site in `sites`, decided once at load
+        self.site_index = {call: i for i, call in enumerate(sorted(self.selected))}
+
     def run_prefix(self, x: Tensor) -> list[Any]:
         """No prefix: the input itself is the only boundary value."""
         return [x]
 
     def run_suffix(self, boundary: list[Any], ctx: SamplingContext) -> Tensor:
         """Whole model on expanded rows, masks supplied at each dropout call."""
-        calls = DropoutCalls(ctx, {call: i for i, call in enumerate(sorted(self.selected))})
+        calls = DropoutCalls(ctx, self.site_index)
         first = len(self.sites) - len(self.random_calls)
         source = UniformSource(ctx.uniform, ctx.n_rows * ctx.samples)
         keyed = KeyedRandom(self.random_calls, first, source)
